@@ -1,0 +1,1 @@
+"""faultwatch.runtime."""

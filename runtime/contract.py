@@ -1,0 +1,222 @@
+"""The model contract: the one place that says what a faultwatch ONNX file holds.
+
+Export writes it, the runtime checks it at load, tests read it. Nothing else
+may spell an input name or a metadata key.
+
+The step graph runs ``T`` time steps for ``B`` devices at once::
+
+    inputs   readings      [B, T, F]   float32, scaled to the training range
+             h_in_{i}      [1, B, H_i] float32, hidden state of recurrent layer i
+             c_in_{i}      [1, B, H_i] float32, cell state of layer i (LSTM only)
+    outputs  forecast      [B, T, K]   float32, scaled forecast of the *next* reading
+             h_out_{i}     [1, B, H_i]
+             c_out_{i}     [1, B, H_i]
+
+``F`` is the number of input features, ``K`` the number of forecast targets
+(a subset of the features, by name). Batch and time are dynamic.
+
+Metadata (ONNX ``metadata_props``, all values are strings, JSON where
+structured) carries everything else the runtime needs: the feature names,
+the scaler, the residual spread per target, the threshold calibration and
+the provenance of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Bumped when a change would make an older runtime misread a newer model.
+CONTRACT_VERSION = 1
+
+READINGS = "readings"
+FORECAST = "forecast"
+
+#: The ONNX metadata key holding the JSON-encoded :class:`ModelContract`.
+METADATA_KEY = "faultwatch.contract"
+
+
+def h_in(layer: int) -> str:
+    return f"h_in_{layer}"
+
+
+def c_in(layer: int) -> str:
+    return f"c_in_{layer}"
+
+
+def h_out(layer: int) -> str:
+    return f"h_out_{layer}"
+
+
+def c_out(layer: int) -> str:
+    return f"c_out_{layer}"
+
+
+class ContractError(ValueError):
+    """A model file does not satisfy the contract; the message names the mismatch."""
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Affine per-feature scaling fitted on the training part only.
+
+    ``scaled = (raw - offset) / scale``; constant columns get ``scale = 1``.
+    """
+
+    kind: str  # "minmax" or "standard"
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, kind: str = "minmax") -> Scaler:
+        """Fit on ``values`` [N, F] (NaN ignored); constant columns get scale 1."""
+        if kind == "minmax":
+            offset = np.nanmin(values, axis=0)
+            scale = np.nanmax(values, axis=0) - offset
+        elif kind == "standard":
+            offset = np.nanmean(values, axis=0)
+            scale = np.nanstd(values, axis=0)
+        else:
+            raise ValueError(f"unknown scaler {kind!r} (minmax or standard)")
+        scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)
+        return cls(kind, tuple(float(v) for v in offset), tuple(float(v) for v in scale))
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """raw [..., F] → scaled [..., F] float32."""
+        return ((raw - np.asarray(self.offset)) / np.asarray(self.scale)).astype(np.float32)
+
+    def inverse(self, scaled: np.ndarray, index: tuple[int, ...] | None = None) -> np.ndarray:
+        """scaled [..., K] → raw units, for the features at ``index`` (all when None)."""
+        offset, scale = np.asarray(self.offset), np.asarray(self.scale)
+        if index is not None:
+            offset, scale = offset[list(index)], scale[list(index)]
+        return scaled * scale + offset
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the scorer and detector need, measured on held-out data with the exported model.
+
+    ``residual_std`` is per target, in scaled units: the spread of
+    (reading - forecast made one step earlier) on normal data. ``threshold``
+    is on the smoothed score.
+    """
+
+    residual_std: tuple[float, ...]
+    threshold: float
+    quantile: float
+    factor: float
+    score_span: int
+    warmup: int
+    n_scores: int
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """Everything the runtime needs to run and interpret a faultwatch model."""
+
+    cell: str  # "lstm" (or "gru": no c state)
+    hidden: tuple[int, ...]  # H_i per recurrent layer
+    features: tuple[str, ...]  # F input channel names, in tensor order
+    targets: tuple[str, ...]  # K forecast channel names, a subset of features
+    scaler: Scaler
+    calibration: Calibration
+    quantization: str  # "none" or "int8"
+    sample_period_s: float  # median spacing of the training readings
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int = CONTRACT_VERSION
+
+    @property
+    def has_cell_state(self) -> bool:
+        return self.cell == "lstm"
+
+    @property
+    def target_index(self) -> tuple[int, ...]:
+        """Position of each target in the feature vector."""
+        return tuple(self.features.index(t) for t in self.targets)
+
+    def input_names(self) -> list[str]:
+        names = [READINGS]
+        for i in range(len(self.hidden)):
+            names.append(h_in(i))
+            if self.has_cell_state:
+                names.append(c_in(i))
+        return names
+
+    def output_names(self) -> list[str]:
+        names = [FORECAST]
+        for i in range(len(self.hidden)):
+            names.append(h_out(i))
+            if self.has_cell_state:
+                names.append(c_out(i))
+        return names
+
+    def state_names(self) -> list[tuple[str, str, int]]:
+        """(input name, output name, width) of every state tensor, in graph order."""
+        pairs = []
+        for i, width in enumerate(self.hidden):
+            pairs.append((h_in(i), h_out(i), width))
+            if self.has_cell_state:
+                pairs.append((c_in(i), c_out(i), width))
+        return pairs
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelContract:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"{METADATA_KEY} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ContractError(f"{METADATA_KEY} must be a JSON object")
+        version = raw.get("version")
+        if not isinstance(version, int):
+            raise ContractError(f"{METADATA_KEY} has no integer 'version'")
+        if version > CONTRACT_VERSION:
+            raise ContractError(
+                f"model uses contract version {version}, this faultwatch reads up to "
+                f"{CONTRACT_VERSION}: upgrade faultwatch"
+            )
+        try:
+            contract = cls(
+                cell=raw["cell"],
+                hidden=tuple(int(h) for h in raw["hidden"]),
+                features=tuple(raw["features"]),
+                targets=tuple(raw["targets"]),
+                scaler=Scaler(
+                    kind=raw["scaler"]["kind"],
+                    offset=tuple(raw["scaler"]["offset"]),
+                    scale=tuple(raw["scaler"]["scale"]),
+                ),
+                calibration=Calibration(**raw["calibration"]),
+                quantization=raw["quantization"],
+                sample_period_s=float(raw["sample_period_s"]),
+                provenance=dict(raw.get("provenance", {})),
+                version=version,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ContractError(f"{METADATA_KEY} is missing or has a malformed field: {exc}") from None
+        contract.validate()
+        return contract
+
+    def validate(self) -> None:
+        """Raise :class:`ContractError` naming the first inconsistency."""
+        if self.cell not in ("lstm", "gru"):
+            raise ContractError(f"unknown cell {self.cell!r}")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ContractError(f"bad hidden sizes {self.hidden}")
+        n = len(self.features)
+        if n == 0 or len(set(self.features)) != n:
+            raise ContractError("features must be non-empty and unique")
+        missing = [t for t in self.targets if t not in self.features]
+        if not self.targets or missing:
+            raise ContractError(f"targets not among features: {missing or 'none given'}")
+        if len(self.scaler.offset) != n or len(self.scaler.scale) != n:
+            raise ContractError(f"scaler has the wrong width for {n} features")
+        if len(self.calibration.residual_std) != len(self.targets):
+            raise ContractError("calibration.residual_std must have one entry per target")
