@@ -28,6 +28,9 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
+# Trained-model fixtures (tiny models, trained once per session) live in their own module.
+pytest_plugins = ["model_fixtures"]
+
 # --------------------------------------------------------------------------------------
 # `pytest --doctest-modules runtime`: import runtime/*.py as faultwatch.runtime.*
 #

@@ -1,0 +1,1 @@
+"""Session fixtures: tiny models really trained, exported and quantized once per test session."""
