@@ -67,6 +67,7 @@ class EngineConfig:
 class Config:
     model: str = ""
     state_dir: str = ""
+    snapshot_interval_s: float = 60.0
     log_level: str = "INFO"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -84,6 +85,7 @@ class Config:
 
 
 BOUNDS: dict[str, tuple[float, float]] = {
+    "snapshot_interval_s": (1, 86_400),
     "broker.port": (1, 65535),
     "broker.keepalive_s": (5, 3600),
     "broker.session_expiry_s": (0, 2**32 - 1),

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -30,6 +31,7 @@ from .config import Config
 from .engine import Engine, EngineSettings, Reading
 from .model import StepModel
 from .payload import PayloadError, fault_message, forecast_message, parse_reading
+from .snapshot import load_snapshot, save_snapshot
 
 log = logging.getLogger("faultwatch")
 
@@ -82,7 +84,34 @@ class Daemon:
         self.connected = threading.Event()
         self.counters: Counter = Counter()
         self._last_bad_log = 0.0
+        self.state_dir = Path(config.state_dir) if config.state_dir else None
+        self._restore()
         self.client = self._client()
+
+    # -- state snapshots -------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        if self.state_dir is None:
+            return
+        saved = load_snapshot(self.state_dir, self.model.sha256)
+        if saved is None:
+            return
+        try:
+            n = self.engine.import_state(saved)
+        except (KeyError, ValueError) as exc:
+            log.warning("state snapshot does not fit the model (%s): starting fresh", exc)
+            return
+        log.info("restored the state of %d device(s) from %s", n, self.state_dir)
+
+    def _snapshot(self) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            save_snapshot(self.state_dir, self.engine.export_state(), self.model.sha256)
+            self.counters["snapshots"] += 1
+        except OSError as exc:
+            self.counters["snapshot_errors"] += 1
+            log.error("cannot write state snapshot to %s: %s", self.state_dir, exc)
 
     # -- MQTT ------------------------------------------------------------------------------
 
@@ -220,6 +249,7 @@ class Daemon:
                  self.config.model, self.model.sha256[:12], len(self.features),
                  self.topics.subscription)
         next_stats = time.monotonic() + (self.config.output.stats_interval_s or float("inf"))
+        next_snapshot = time.monotonic() + self.config.snapshot_interval_s
         try:
             while not self.stop.is_set():
                 batch = self._take_batch()
@@ -230,6 +260,9 @@ class Daemon:
                         # Unacked readings are redelivered after a restart; say so and stop.
                         log.exception("engine failure; stopping without acknowledging the batch")
                         return 1
+                if time.monotonic() >= next_snapshot:
+                    self._snapshot()
+                    next_snapshot = time.monotonic() + self.config.snapshot_interval_s
                 if time.monotonic() >= next_stats:
                     self._publish_stats()
                     next_stats = time.monotonic() + self.config.output.stats_interval_s
@@ -238,6 +271,7 @@ class Daemon:
         return 0
 
     def _shutdown(self) -> None:
+        self._snapshot()
         log.info("stopping: %s", json.dumps(dict(self.counters), sort_keys=True))
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, "stopped", qos=1, retain=True)

@@ -166,6 +166,42 @@ class Engine:
     def devices(self) -> list[str]:
         return list(self.table.slots)
 
+    # -- snapshots -------------------------------------------------------------------------
+
+    def _per_slot(self) -> dict[str, np.ndarray]:
+        """Every per-device array, by name: what a snapshot must carry."""
+        arrays = {f"state_{i}": s for i, s in enumerate(self.state)}
+        return arrays | {
+            "prev_forecast": self.prev_forecast, "last_scaled": self.last_scaled,
+            "has_prev": self.has_prev, "last_ts": self.last_ts, "fault_start": self.fault_start,
+            "fault_peak": self.fault_peak, "score_smoothed": self.scorer.smoothed,
+            "score_seen": self.scorer.seen, "fault_history": self.detector.history,
+            "fault_normal_run": self.detector.normal_run, "fault_active": self.detector.active,
+        }
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """All devices' state as plain arrays, rows in least-recently-seen-first order."""
+        devices = list(self.table.slots)
+        slots = np.array([self.table.slots[d] for d in devices], dtype=np.int64)
+        out = {name: a[slots] for name, a in self._per_slot().items()}
+        out["devices"] = np.array(devices, dtype=str)
+        return out
+
+    def import_state(self, saved: dict[str, np.ndarray]) -> int:
+        """Restore what :meth:`export_state` wrote; returns the number of devices.
+
+        Raises ValueError when the arrays do not fit this engine's model.
+        """
+        devices = [str(d) for d in saved["devices"]]
+        current = self._per_slot()
+        for name, a in current.items():
+            if name not in saved or saved[name].shape[1:] != a.shape[1:] or len(saved[name]) != len(devices):
+                raise ValueError(f"snapshot array {name!r} does not fit this model")
+        slots = np.array([self._slot(d) for d in devices], dtype=np.int64)
+        for name, a in self._per_slot().items():  # _slot may have grown the arrays
+            a[slots] = saved[name]
+        return len(devices)
+
     # -- processing ----------------------------------------------------------------------
 
     def process(self, readings: Sequence[Reading]) -> list[Output | None]:
