@@ -110,6 +110,11 @@ def cmd_replay(args) -> int:
     summary = replay_csv(Path(args.model), Path(args.data), Path(args.out))
     print(f"replayed {summary['readings']} readings of {summary['devices']} device(s) → {args.out}: "
           f"{summary['anomalous']} anomalous, {summary['faults_raised']} fault(s) raised")
+    if "labels" in summary:
+        m = summary["labels"]
+        print(f"against the file's anomaly labels (fault active vs label, per reading): "
+              f"F1 {m['f1']:.3f}, false alarms {100 * m['far']:.2f}%, missed {100 * m['mar']:.2f}% "
+              f"(tp {m['tp']}, fp {m['fp']}, fn {m['fn']}, tn {m['tn']})")
     return 0
 
 

@@ -36,6 +36,7 @@ def replay_csv(model_path: Path, data_path: Path, out_path: Path,
     order, readings = readings_of(table, model.contract.features)
     labels = table.labels.get("anomaly")
     anomalous = 0
+    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}  # fault active vs the file's anomaly label
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -48,8 +49,24 @@ def replay_csv(model_path: Path, data_path: Path, out_path: Path,
                                  "dropped", label])
                 continue
             anomalous += out.anomalous
+            if labels is not None:
+                key = ("t" if out.fault_active == bool(labels[row]) else "f") + (
+                    "p" if out.fault_active else "n")
+                confusion[key] += 1
             writer.writerow([out.ts, out.device, *[f"{v:.6g}" for v in out.forecast],
                              f"{out.score:.6g}", int(out.anomalous), int(out.fault_active),
                              out.event.state if out.event else "", label])
-    return {"readings": len(readings), "devices": len(engine.devices), "anomalous": anomalous,
-            "faults_raised": engine.counters["faults_raised"], "counters": dict(engine.counters)}
+    summary = {"readings": len(readings), "devices": len(engine.devices), "anomalous": anomalous,
+               "faults_raised": engine.counters["faults_raised"], "counters": dict(engine.counters)}
+    if labels is not None:
+        summary["labels"] = confusion | point_metrics(**confusion)
+    return summary
+
+
+def point_metrics(tp: int, fp: int, fn: int, tn: int) -> dict:
+    """Point-wise F1, false-alarm rate and missed-alarm rate (the SKAB definitions)."""
+    return {
+        "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 1.0,
+        "far": fp / (fp + tn) if fp + tn else 0.0,
+        "mar": fn / (fn + tp) if fn + tp else 0.0,
+    }
