@@ -13,7 +13,7 @@ import numpy as np
 
 from .contract import Calibration
 from .model import StepModel
-from .scoring import smoothed_scores
+from .scoring import ewma_variance, smoothed_scores
 
 
 def streamed_forecasts(model: StepModel, series: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -54,6 +54,37 @@ def held_out_residuals(
             for s, split, f in zip(series, splits, forecasts, strict=True)]
 
 
+def ewma_rows(x: np.ndarray, span: int) -> np.ndarray:
+    """EWMA along time of ``x`` [N, K], started at 0 like the scorer after a reset → [N, K]."""
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty_like(x, dtype=np.float64)
+    m = np.zeros(x.shape[1])
+    for t, row in enumerate(x):
+        m = alpha * row + (1.0 - alpha) * m
+        out[t] = m
+    return out
+
+
+def long_run_spread(residuals: Sequence[np.ndarray], span: int, settle: int | None = None) -> np.ndarray:
+    """Per target, the spread of the forecast error at the score's smoothing scale → [K].
+
+    RMS of the EWMA-smoothed residuals divided by the noise width an EWMA of
+    white noise would have: for white errors this is their plain RMS, for
+    autocorrelated ones (a slow channel the model tracks with a lag) it is
+    larger, as it must be for the smoothed score of such a channel to be about
+    1 on normal data. The first ``settle`` readings of each series (default
+    ``span - 1``: the EWMA settling from 0) are left out. With ``span=1`` it is
+    the RMS of the residuals.
+    """
+    settled = []
+    for r in residuals:
+        smoothed = ewma_rows(np.asarray(r, dtype=np.float64), span)
+        skip = min(span - 1 if settle is None else settle, len(r) // 2)
+        settled.append(smoothed[skip:])
+    stacked = np.concatenate(settled)
+    return np.sqrt(np.mean(stacked**2, axis=0) / ewma_variance(span))
+
+
 def calibrate(
     residuals: Sequence[np.ndarray],
     *,
@@ -61,16 +92,26 @@ def calibrate(
     warmup: int = 30,
     quantile: float = 0.995,
     factor: float = 1.5,
+    settle: int | None = None,
 ) -> Calibration:
-    """Residual spread per target and the static threshold on the smoothed score.
+    """Residual spread per target and the static threshold on the score.
 
-    threshold = ``factor`` × the ``quantile`` of smoothed scores on normal data.
+    ``residual_std`` is the long-run spread of each target's forecast error at the
+    smoothing scale (:func:`long_run_spread`); threshold = ``factor`` × the
+    ``quantile`` of the scores on normal data, streamed per series from a reset,
+    leaving out each series' first ``warmup`` scores (never compared with it).
+    With ``settle``, the first ``settle`` residuals of each series only bring the
+    smoothing up to speed: they count neither in the spread nor in the quantile
+    (for residuals of a held-out part, led in by the rows before it).
     """
-    stacked = np.concatenate(residuals)  # [sum N, K]
+    residuals = [np.asarray(r, dtype=np.float64) for r in residuals if len(r)]
+    stacked = np.concatenate(residuals) if residuals else np.zeros((0, 0))
     if len(stacked) < 10:
         raise ValueError(f"need at least 10 held-out readings to calibrate, got {len(stacked)}")
-    std = np.maximum(stacked.std(axis=0), 1e-6)
-    scores = np.concatenate([smoothed_scores(r, std, span) for r in residuals])
+    std = np.maximum(long_run_spread(residuals, span, settle), 1e-6)
+    skip = warmup if settle is None else settle
+    scores = np.concatenate([smoothed_scores(r, std, span)[min(skip, len(r) // 2):]
+                             for r in residuals])
     return Calibration(
         residual_std=tuple(float(v) for v in std),
         threshold=float(np.quantile(scores, quantile) * factor),

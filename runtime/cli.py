@@ -48,10 +48,10 @@ def cmd_simulate(args) -> int:
 
     try:
         faults = [parse_fault(spec) for spec in args.fault]
+        data = simulate(devices=args.devices, steps=args.steps, period_s=args.period, seed=args.seed,
+                        faults=faults)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    data = simulate(devices=args.devices, steps=args.steps, period_s=args.period, seed=args.seed,
-                    faults=faults)
     if args.mqtt:
         from .sim_publish import publish
 
@@ -66,16 +66,42 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from faultwatch.train.command import train_run
-    from faultwatch.train.fit import TrainConfig
+def _train_options(args, defaults: dict | None = None):
+    """TrainOptions from the recipe, then ``defaults``, then --config, then the flags given."""
+    from faultwatch.train.options import OptionsError, TrainOptions, load_config
 
-    config = TrainConfig(mode=args.mode, look_back=args.look_back, batch_size=args.batch_size,
-                         epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
-    train_run(Path(args.data), Path(args.out), hidden=args.hidden, dense=args.dense,
-              dropout=args.dropout, train_config=config, features=args.features,
-              exclude=args.exclude or [], targets=args.target, val_fraction=args.val_fraction,
-              scaler=args.scaler, quiet=args.quiet)
+    given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
+    try:
+        values = dict(defaults or {})
+        if args.config:
+            from_file = load_config(args.config)
+            TrainOptions.from_mapping(from_file, source=args.config)  # errors name the file
+            values |= from_file
+        return TrainOptions.from_mapping(values | given)
+    except OptionsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_train(args) -> int:
+    from faultwatch.train.command import train_with_options
+
+    train_with_options(Path(args.data), Path(args.out), _train_options(args), quiet=args.quiet)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from faultwatch.train.options import OptionsError
+    from faultwatch.train.tune import SearchSpace, tune
+
+    try:
+        space = SearchSpace(
+            hidden=tuple(int(v) for v in args.hidden_range), lr=args.lr_range, dropout=args.dropout_range,
+            batch_size=tuple(int(v) for v in args.batch_range),
+            look_back=tuple(int(v) for v in args.look_back_range))
+        tune(Path(args.data), Path(args.out), trials=args.trials, timeout=args.timeout, space=space,
+             base=_train_options(args, defaults={"epochs": 30}), quiet=args.quiet)
+    except OptionsError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -85,14 +111,19 @@ def cmd_export(args) -> int:
     options = ExportOptions(quantize=args.quantize, quantile=args.quantile, factor=args.factor,
                             score_span=args.span, warmup=args.warmup)
     report = export_model(Path(args.run_dir), Path(args.out), options)
-    p = report["parity"]
-    print(f"exported {report['model']} ({report['quantize']}, {report['size_bytes']:,} bytes; "
-          f"fp32 graph {report['fp32_size_bytes']:,} bytes)")
+    p, lat = report["parity"], report["latency_us_per_step_batch1"]
+    print(f"exported {report['model']} ({report['quantize']}, {report['size_bytes']:,} bytes = "
+          f"{100 * report['size_ratio']:.0f}% of fp32's {report['fp32_size_bytes']:,}; "
+          f"opset {report['opset']}, ONNX checker passed)")
     print(f"parity over {p['held_out_steps']} held-out steps: max |onnx streamed - torch| = "
           f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']:g}), forecast RMSE "
           f"{p['rmse_onnx']:.4g} vs torch {p['rmse_torch']:.4g} ({100 * p['rmse_rel_change']:+.2f}%)")
+    print(f"per step at batch 1: {lat['model']:.1f} µs (fp32 {lat['fp32']:.1f} µs); runs with default "
+          f"session options, full and no graph optimisation (forecasts within "
+          f"{max(report['sessions'].values()):.1e} of each other)")
     print(f"threshold {report['calibration']['threshold']:.4g} "
-          f"(q{report['calibration']['quantile']} × {report['calibration']['factor']})")
+          f"(q{report['calibration']['quantile']} × {report['calibration']['factor']}); "
+          f"report → {Path(args.out).with_suffix('.report.json')}")
     return 0
 
 
@@ -120,15 +151,25 @@ def cmd_replay(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import example_config, load_config
-    from .daemon import run_daemon
 
     if args.example_config:
         print(example_config(), end="")
         return 0
+    if isinstance(args.check_config, str):  # --check-config FILE
+        if args.config and args.config != args.check_config:
+            raise UserError("give the config file once: --check-config FILE, or --config FILE --check-config")
+        args.config = args.check_config
     config = load_config(args.config, args)
     if args.check_config:
-        print(f"{args.config or 'defaults'}: ok")
+        from .model import StepModel
+
+        model = StepModel(config.model, threads=config.engine.threads)  # loads and warms up, or says why not
+        print(f"{args.config or 'defaults'}: ok; model {config.model} ({len(model.contract.features)} "
+              f"features, sha256 {model.sha256[:12]}…), reading {', '.join(config.topics)} from "
+              f"{config.broker.host}:{config.broker.port}")
         return 0
+    from .daemon import run_daemon
+
     return run_daemon(config)
 
 
@@ -138,7 +179,68 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None, seed=args.seed)
 
 
+def cmd_eval(args) -> int:
+    from .benchfile import EvalOptions
+    from .evaluate import run_nab, run_skab
+
+    spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs), ("score_span", args.span),
+                              ("quantile", args.quantile), ("factor", args.factor)) if v is not None}
+    options = EvalOptions(spec=spec, baselines=not args.no_baselines, reports=not args.no_reports,
+                          headline="lstm" if args.threshold == "static" else "lstm-dynamic",
+                          **({"train_rows": args.train_rows} if args.benchmark == "skab" else {}))
+    if args.benchmark == "skab":
+        run_skab(Path(args.dir), Path(args.out), options, pretrain=args.pretrain, jobs=args.jobs)
+    else:
+        run_nab([Path(c) for c in args.csv], Path(args.windows), Path(args.out), options, jobs=args.jobs)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
+
+
+def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
+    """The options of faultwatch.train.options.TrainOptions. Defaults are SUPPRESSed on the parser
+    (only flags given reach the handler, so they can override --config); the help states the
+    recipe's defaults, which live in TrainOptions."""
+    p.add_argument("--config", default=None, help="JSON/TOML file of these options (e.g. tune's best.json)")
+    p.add_argument("--quiet", action="store_true", default=False, help="print nothing")
+    p.add_argument("--hidden", type=_ints, help="recurrent layer sizes (128,64)"
+                   + ("; the base trial, as are --lr --dropout --batch-size --look-back" if tune else ""))
+    p.add_argument("--dense", type=int, help="hidden dense layer before the output, 0 = none (32)")
+    p.add_argument("--dropout", type=float, help="after each recurrent layer (0.3)")
+    p.add_argument("--cell", choices=("lstm", "gru"), help="(lstm)")
+    p.add_argument("--peephole", action="store_true", help="LSTM gates also see the cell state")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="BiLSTM/BiGRU for offline scoring; implies --windowed; cannot be exported to stream")
+    p.add_argument("--recurrent-dropout", type=float, help="variational dropout on h between steps (0)")
+    p.add_argument("--zoneout", type=float, help="probability a unit keeps its previous state (0)")
+    p.add_argument("--max-norm", type=float, help="cap on each weight row's L2 norm, 0 = off (0)")
+    p.add_argument("--mode", choices=("stateful", "windowed"), help="(stateful)")
+    p.add_argument("--stateful", dest="mode", action="store_const", const="stateful",
+                   help="truncated BPTT carrying the state across chunks (the default)")
+    p.add_argument("--windowed", dest="mode", action="store_const", const="windowed",
+                   help="the recipe's independent look-back windows")
+    p.add_argument("--look-back", type=int, help="window or chunk length (60)")
+    p.add_argument("--batch-size", type=int, help="(32)")
+    p.add_argument("--epochs", type=int, help="at most (tune: per trial, 30)" if tune else "at most (100)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
+    p.add_argument("--patience", type=int, help="early stopping, epochs without improvement (10)")
+    p.add_argument("--lr-patience", type=int, help="flat epochs before the LR drops tenfold (5)")
+    p.add_argument("--seed", type=int, help="same seed, same machine → same weights (0)")
+    p.add_argument("--threads", type=int, help="torch threads while training, 0 = torch's default (1)")
+    p.add_argument("--features", type=_names, help="input columns (default: all numeric but labels)")
+    p.add_argument("--exclude", type=_names, help="columns never used as inputs")
+    p.add_argument("--target", type=_names, help="forecast these channels (default: all features)")
+    p.add_argument("--val-fraction", type=float, help="last part of each device validates (0.2)")
+    p.add_argument("--scaler", choices=("minmax", "standard"), help="fitted on the training part (minmax)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,31 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("train", help="train the LSTM forecaster on a CSV (needs faultwatch[train])")
+    p = sub.add_parser("train", help="train the forecaster on a CSV (needs faultwatch[train])",
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("data", help="CSV of readings")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--hidden", type=_ints, default=(128, 64), help="LSTM sizes, e.g. 128,64")
-    p.add_argument("--dense", type=int, default=32)
-    p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--mode", choices=("stateful", "windowed"), default="stateful")
-    p.add_argument("--look-back", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--features", type=_names, help="input columns (default: all numeric)")
-    p.add_argument("--exclude", type=_names, help="columns never used as inputs")
-    p.add_argument("--target", type=_names, help="forecast these channels (default: all features)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--scaler", choices=("minmax", "standard"), default="minmax")
-    p.add_argument("--quiet", action="store_true")
+    _train_option_flags(p)
     p.set_defaults(func=cmd_train, needs_torch=True)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna (needs faultwatch[train])",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("data", help="CSV of readings")
+    p.add_argument("--out", required=True, help="folder for best.json, trials.csv, tune.json")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many s")
+    p.add_argument("--hidden-range", type=_pair, default=(64, 512), help="first layer's units (64,512)")
+    p.add_argument("--lr-range", type=_pair, default=(1e-4, 1e-2), help="log scale (1e-4,1e-2)")
+    p.add_argument("--dropout-range", type=_pair, default=(0.2, 0.5), help="(0.2,0.5)")
+    p.add_argument("--batch-range", type=_pair, default=(32, 256), help="powers of two within (32,256)")
+    p.add_argument("--look-back-range", type=_pair, default=(20, 120), help="(20,120)")
+    _train_option_flags(p, tune=True)
+    p.set_defaults(func=cmd_tune, needs_torch=True)
 
     p = sub.add_parser("export", help="checkpoint → one ONNX file (needs faultwatch[train])")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--quantize", default="int8", help="none or int8")
+    p.add_argument("--quantize", default="int8", metavar="MODE",
+                   help="none, int8 (dynamic), int8-static (QDQ, calibrated on training readings) or fp16")
     p.add_argument("--quantile", type=float, default=0.995, help="threshold quantile of normal scores")
     p.add_argument("--factor", type=float, default=1.5, help="threshold = factor × quantile")
     p.add_argument("--span", type=int, default=5, help="EWMA span of the score")
@@ -207,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", type=_host_port, metavar="HOST:PORT")
     p.add_argument("--state-dir")
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--check-config", nargs="?", const=True, default=False, metavar="FILE",
+                   help="validate the config (FILE, or --config) and the model it names, then exit")
     p.add_argument("--example-config", action="store_true", help="print a documented config")
     p.set_defaults(func=cmd_run)
 
@@ -215,7 +319,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo, needs_torch=True)
+
+    p = sub.add_parser("eval", help="benchmark the runtime on SKAB or NAB, with baselines "
+                       "(needs faultwatch[train])")
+    bench = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, help_text in (("skab", "SKAB: each labelled CSV under DIR, its first rows train"),
+                            ("nab", "NAB series: each trains on its probationary period")):
+        q = bench.add_parser(name, help=help_text)
+        if name == "skab":
+            q.add_argument("dir", help="folder of SKAB CSVs (searched recursively)")
+            q.add_argument("--pretrain", action="store_true",
+                           help="also: pretrain on anomaly-free.csv, fine-tune per file (both reported)")
+            q.add_argument("--train-rows", type=int, default=400, help="rows of each file that train (400)")
+        else:
+            q.add_argument("csv", nargs="+", help="NAB series (timestamp,value)")
+            q.add_argument("--windows", required=True, help="NAB's windows JSON (combined_windows.json)")
+        q.add_argument("--out", required=True, help="folder for metrics.json, reports and models")
+        q.add_argument("--quantize", choices=("none", "int8", "int8-static", "fp16"),
+                       help="exported model precision (int8)")
+        q.add_argument("--jobs", type=int, default=0, help="worker processes (0 = one per core)")
+        q.add_argument("--epochs", type=int, help="training epochs per file, at most (80)")
+        q.add_argument("--span", type=int, help="EWMA span of the score (20)")
+        q.add_argument("--quantile", type=float, help="threshold quantile of training scores (0.995)")
+        q.add_argument("--factor", type=float, help="threshold = factor × quantile (2.5)")
+        q.add_argument("--threshold", choices=("dynamic", "static"), default="dynamic",
+                       help="which LSTM decision metrics.json leads with (both are measured; dynamic)")
+        q.add_argument("--no-baselines", action="store_true", help="skip the z-score and HST baselines")
+        q.add_argument("--no-reports", action="store_true", help="skip the HTML pages")
+    p.set_defaults(func=cmd_eval, needs_torch=True)
+
+    p = sub.add_parser("bench", help="side-by-side performance numbers and targets (needs faultwatch[train])")
+    p.add_argument("--quick", action="store_true", help="smaller counts, under a minute (CI smoke)")
+    p.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
+    p.add_argument("--run-dir", help="bench this training run instead of training one")
+    p.add_argument("--hidden", type=_ints, default=(128, 64), help="LSTM sizes of the trained model")
+    p.add_argument("--dense", type=int, default=32)
+    p.add_argument("--workdir", help="keep models, logs and broker files here (default: temporary)")
+    p.add_argument("--no-daemon", action="store_true", help="skip the end-to-end daemon part")
+    p.add_argument("--profile", action="store_true", help="py-spy the daemon during a throughput drain")
+    p.set_defaults(func=cmd_bench, needs_torch=True)
     return parser
+
+
+def cmd_bench(args) -> int:
+    from faultwatch.export import bench
+
+    options = bench.BenchOptions(quick=args.quick, run_dir=Path(args.run_dir) if args.run_dir else None,
+                                 hidden=args.hidden, dense=args.dense, daemon=not args.no_daemon,
+                                 workdir=Path(args.workdir) if args.workdir else None, profile=args.profile)
+    return bench.main(options, Path(args.json) if args.json else None)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -227,7 +379,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, OSError, ContractError, CsvError, ModelError]
     for module, name in (("faultwatch.runtime.config", "ConfigError"),
                          ("faultwatch.train.checkpoint", "CheckpointError"),
-                         ("faultwatch.export.onnx_graph", "ExportError")):
+                         ("faultwatch.export.onnx_graph", "ExportError"),
+                         ("faultwatch.runtime.evaluate", "EvalError")):
         mod = sys.modules.get(module)  # only what the handler already imported: never pull in torch
         if mod is not None:
             errors.append(getattr(mod, name))

@@ -19,6 +19,12 @@ Metadata (ONNX ``metadata_props``, all values are strings, JSON where
 structured) carries everything else the runtime needs: the feature names,
 the scaler, the residual spread per target, the threshold calibration and
 the provenance of the model.
+
+Compatibility: a reader ignores keys it does not know and gives fields that a
+file lacks their defaults, so optional fields (like ``architecture``) can be
+added within a version. :data:`CONTRACT_VERSION` is bumped only for a change an
+older runtime would misread (a new state layout, a changed input, ...), and a
+runtime refuses a file with a newer version.
 """
 
 from __future__ import annotations
@@ -118,15 +124,17 @@ class Calibration:
 class ModelContract:
     """Everything the runtime needs to run and interpret a faultwatch model."""
 
-    cell: str  # "lstm" (or "gru": no c state)
+    cell: str  # "lstm" (peephole or not: same state) or "gru" (no c state)
     hidden: tuple[int, ...]  # H_i per recurrent layer
     features: tuple[str, ...]  # F input channel names, in tensor order
     targets: tuple[str, ...]  # K forecast channel names, a subset of features
     scaler: Scaler
     calibration: Calibration
-    quantization: str  # "none" or "int8"
+    quantization: str  # "none", "int8", "int8-static" or "fp16"; the graph's I/O is float32 in all
     sample_period_s: float  # median spacing of the training readings
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Descriptive only (the runtime needs none of it): peephole, dense width, parameters per layer...
+    architecture: dict[str, Any] = field(default_factory=dict)
     version: int = CONTRACT_VERSION
 
     @property
@@ -197,6 +205,7 @@ class ModelContract:
                 quantization=raw["quantization"],
                 sample_period_s=float(raw["sample_period_s"]),
                 provenance=dict(raw.get("provenance", {})),
+                architecture=dict(raw.get("architecture", {})),
                 version=version,
             )
         except (KeyError, TypeError) as exc:

@@ -18,7 +18,8 @@ from .fit import TrainConfig, TrainResult
 from .model import Forecaster, ForecasterConfig
 
 FORMAT = "faultwatch-checkpoint"
-VERSION = 1
+#: 2: recurrent layers are ``rnns.{i}.rnn.*`` (any cell, optional peepholes); 1 had ``lstms.{i}.*``.
+VERSION = 2
 FILENAME = "checkpoint.pt"
 #: Per device, at most this many of the latest rows travel in the checkpoint for export's
 #: parity check and threshold calibration.
@@ -62,6 +63,14 @@ def save_checkpoint(
     return path
 
 
+def _v1_key(key: str) -> str:
+    """``lstms.0.weight_ih_l0`` (version 1) → ``rnns.0.rnn.weight_ih_l0``."""
+    if key.startswith("lstms."):
+        _, layer, rest = key.split(".", 2)
+        return f"rnns.{layer}.rnn.{rest}"
+    return key
+
+
 def load_checkpoint(path: str | Path) -> tuple[Forecaster, dict, Prepared]:
     """Rebuild the model (eval mode), the raw payload and the held-out series from a run."""
     path = Path(path)
@@ -72,13 +81,21 @@ def load_checkpoint(path: str | Path) -> tuple[Forecaster, dict, Prepared]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a foreign or corrupt file
-        raise CheckpointError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a faultwatch checkpoint")
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload['version']}; upgrade faultwatch")
-    model = Forecaster(ForecasterConfig.from_dict(payload["model_args"]))
-    model.load_state_dict(payload["state_dict"])
+    state_dict = payload["state_dict"]
+    if payload.get("version", 0) < 2:
+        state_dict = {_v1_key(k): v for k, v in state_dict.items()}
+    try:
+        model = Forecaster(ForecasterConfig.from_dict(payload["model_args"]))
+        model.load_state_dict(state_dict)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: model does not match its arguments: {reason}") from None
     model.eval()
     sc = payload["scaler"]
     prepared = Prepared(

@@ -1,0 +1,198 @@
+"""paho's MQTT client, with two costs per message taken out for a daemon that handles thousands a second.
+
+Measured with py-spy on the daemon draining queued readings, stock paho 2.x
+spends most of its time on system calls, not on MQTT:
+
+- **reading**: each incoming packet is read with at least three ``recv`` calls
+  (the command byte, the length bytes one by one, the body). Here the socket
+  is read 64 KiB at a time and packets are cut from that buffer; after a read,
+  whatever whole packets the buffer still holds are handled before paho goes
+  back to ``select``.
+- **writing**: each outgoing packet is one ``send`` call. Here the packets that
+  paho writes in one go are joined and sent together (the bytes not taken by
+  the kernel wait for the socket to be writable, as paho's own would); a
+  DISCONNECT first flushes everything before it.
+- **flow control**: while ``pause_reading()`` is true nothing more is read from
+  the socket, so a burst waits at the broker instead of in memory, while
+  writes and keep-alives go on.
+- **waking**: every packet queued from another thread (each forecast published,
+  each reading acknowledged by the engine thread) writes a byte to a socket
+  pair to wake paho's network thread. Inside :meth:`BufferedClient.batch` the
+  engine thread queues its packets without that, and wakes the network thread
+  once at the end, which then writes them all.
+
+And :meth:`BufferedClient.publish_qos0` builds a QoS 0 PUBLISH itself: paho's
+``publish`` makes a message-info object with a lock and a condition for each.
+
+These hook paho's private methods ``_sock_recv``, ``_sock_send``,
+``_packet_write``, ``_packet_queue``, ``loop_read``, ``want_write`` and its
+``_sockpairW``, ``_sock``, ``_protocol`` and ``_out_packet`` attributes (stable
+across paho 2.x, which pyproject pins); ``tests/test_daemon_mqttclient.py``
+fails if they go away. Bytes buffered for
+one connection are dropped when it is lost: QoS 1 messages are resent by paho
+on reconnect, unacknowledged readings are redelivered by the broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+READ_CHUNK = 65536
+_PUBLISH = 0x30
+WRITE_EVERY = 64  # while reading a long burst, flush the writes every this many packets
+_DISCONNECT = 0xE0
+
+
+class _Published:
+    """Stands in for paho's MQTTMessageInfo of a fast QoS 0 publish (paho marks it sent)."""
+
+    def _set_as_published(self) -> None:
+        pass
+
+
+_PUBLISHED = _Published()
+
+
+def _varint(n: int) -> bytes:
+    """MQTT's variable byte integer."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class BufferedClient(mqtt.Client):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+        self._batch_thread: int | None = None
+        self._batch_queued = False
+        #: When set and true, nothing more is read from the socket (what is buffered is handled).
+        self.pause_reading: Callable[[], bool] | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            if self.pause_reading is not None and self.pause_reading():
+                # Flow control: leave the rest in the socket (and so at the broker) for now. The
+                # short sleep keeps the loop from spinning; writes and keep-alives go on.
+                time.sleep(0.001)
+                raise BlockingIOError
+            data = super()._sock_recv(READ_CHUNK)  # raises BlockingIOError when nothing is there
+            if not data:
+                return data  # the connection closed
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        chunk = self._rbuf[self._rpos:end]
+        self._rpos = min(end, len(self._rbuf))
+        return chunk
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # select() only knows about the socket: handle what is already buffered now, writing
+        # now and then so that acknowledgements flow while a long burst is read.
+        n = 0
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) and self._sock is not None:
+            n += 1
+            if n % WRITE_EVERY == 0 and self.want_write():
+                rc = self.loop_write()
+                if rc != mqtt.MQTT_ERR_SUCCESS or self._sock is None:
+                    break
+            rc = super().loop_read(max_packets)
+        return rc
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # Bytes of a dead connection mean nothing on a new one.
+        self._rbuf, self._rpos = b"", 0
+        self._wbuf.clear()
+        return super().reconnect()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _sock_send(self, buf) -> int:
+        if buf[:1] and buf[0] & 0xF0 == _DISCONNECT:
+            if self._flush() != mqtt.MQTT_ERR_SUCCESS:
+                raise BlockingIOError  # paho keeps the DISCONNECT queued and tries again
+            return super()._sock_send(buf)
+        self._wbuf += buf
+        return len(buf)
+
+    def _flush(self) -> mqtt.MQTTErrorCode:
+        while self._wbuf:
+            try:
+                sent = super()._sock_send(self._wbuf)
+            except BlockingIOError:
+                return mqtt.MQTT_ERR_AGAIN
+            except OSError:
+                self._wbuf.clear()
+                return mqtt.MQTT_ERR_CONN_LOST
+            del self._wbuf[:sent]
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        rc = super()._packet_write()  # paho's bookkeeping; the bytes land in _wbuf
+        if self._sock is None:
+            self._wbuf.clear()
+            return rc
+        flushed = self._flush()
+        return rc if rc != mqtt.MQTT_ERR_SUCCESS else flushed
+
+    def want_write(self) -> bool:
+        return super().want_write() or bool(self._wbuf)
+
+    def publish_qos0(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """A QoS 0 PUBLISH without paho's per-message bookkeeping (no MQTTMessageInfo, no lock).
+
+        ``topic`` must be a valid topic name (no wildcards). Returns False, sending nothing,
+        when there is no connection.
+        """
+        if self._sock is None or not self.is_connected():
+            return False
+        name = topic.encode()
+        props = b"\x00" if self._protocol == mqtt.MQTTv5 else b""  # no properties
+        body_len = 2 + len(name) + len(props) + len(payload)
+        packet = b"".join((bytes((_PUBLISH | bool(retain),)), _varint(body_len),
+                           len(name).to_bytes(2, "big"), name, props, payload))
+        self._packet_queue(_PUBLISH, packet, 0, 0, _PUBLISHED)
+        return True
+
+    def backlog(self) -> int:
+        """Packets queued for the network thread to write."""
+        return len(self._out_packet)
+
+    # -- waking the network thread once per batch --------------------------------------------
+
+    def _packet_queue(self, *args, **kwargs):
+        if self._batch_thread != threading.get_ident():
+            return super()._packet_queue(*args, **kwargs)
+        self._batch_queued = True
+        wake, self._sockpairW = self._sockpairW, None
+        try:
+            return super()._packet_queue(*args, **kwargs)
+        finally:
+            if self._sockpairW is None:  # unless a reconnect made a new pair meanwhile
+                self._sockpairW = wake
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Publish and acknowledge many messages from this thread, waking paho once at the end."""
+        self._batch_thread, self._batch_queued = threading.get_ident(), False
+        try:
+            yield self
+        finally:
+            self._batch_thread = None
+            if self._batch_queued:
+                wake = getattr(self, "_sockpairW", None)
+                if wake is not None:
+                    with contextlib.suppress(OSError):
+                        wake.send(b"0")
