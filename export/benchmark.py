@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from faultwatch.runtime.calibration import calibrate, streamed_forecasts
@@ -37,9 +36,8 @@ from faultwatch.runtime.csvdata import Table
 from faultwatch.runtime.model import StepModel
 from faultwatch.train.checkpoint import load_checkpoint, save_checkpoint
 from faultwatch.train.data import Prepared, prepare
-from faultwatch.train.fit import TrainConfig, TrainResult, fit, streamed_residuals
-from faultwatch.train.model import Forecaster, ForecasterConfig
-from torch import nn
+from faultwatch.train.fit import TrainConfig, TrainResult, fit
+from faultwatch.train.model import ForecasterConfig
 
 from .build import ExportOptions, export_model
 from .onnx_graph import ExportError, with_contract
@@ -87,49 +85,6 @@ def head(table: Table, n: int) -> Table:
 def _train_config(spec: BenchSpec, epochs: int, lr: float) -> TrainConfig:
     return TrainConfig(mode="stateful", look_back=spec.look_back, batch_size=spec.batch_size,
                        epochs=epochs, lr=lr, patience=spec.patience, seed=spec.seed)
-
-
-def fine_tune(model: Forecaster, prepared: Prepared, config: TrainConfig) -> TrainResult:
-    """Continue training ``model`` on ``prepared``: stateful truncated BPTT over each series'
-    training part, early stopping on the streamed validation error (best weights kept)."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = nn.MSELoss()
-    idx = model.target_index
-    parts = [torch.from_numpy(s.scaled[: s.split])[None] for s in prepared.series]  # each [1, N, F]
-
-    def val_loss() -> float:
-        return float(np.mean(np.concatenate(streamed_residuals(model, prepared)) ** 2))
-
-    best = (val_loss(), 0, {k: v.clone() for k, v in model.state_dict().items()})
-    history, started = [], time.monotonic()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        losses = []
-        for data in parts:
-            state = None
-            # A random first-chunk offset per epoch (as fit does), so chunk boundaries move.
-            for t0 in range(int(rng.integers(config.look_back)), data.shape[1] - 1, config.look_back):
-                x = data[:, t0:t0 + config.look_back]
-                y = data[:, t0 + 1:t0 + config.look_back + 1].index_select(2, idx)
-                forecast, state = model(x[:, : y.shape[1]], state)
-                loss = loss_fn(forecast, y)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                state = [tuple(t.detach() for t in layer) for layer in state]
-                losses.append(loss.item())
-        current = val_loss()
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": current,
-                        "lr": config.lr})
-        if current < best[0]:
-            best = (current, epoch, {k: v.clone() for k, v in model.state_dict().items()})
-        if epoch - best[1] >= config.patience:
-            break
-    model.load_state_dict(best[2])
-    model.eval()
-    return TrainResult(model, best[0], best[1], len(history), history, time.monotonic() - started)
 
 
 def pretrain(table: Table, run_dir: Path, spec: BenchSpec, features: tuple[str, ...]) -> Path:
@@ -192,7 +147,7 @@ def _train_once(prepared: Prepared, spec: BenchSpec, init: Path | None,
         raise ValueError(f"features {prepared.features} differ from the pretrained model's "
                          f"{base_prepared.features}")
     tconfig = replace(_train_config(spec, spec.fine_tune_epochs, spec.fine_tune_lr), seed=seed)
-    return fine_tune(base, prepared, tconfig), tconfig
+    return fit(prepared, base.config, tconfig, init=base), tconfig
 
 
 def fit_and_export(train: Table, out: Path, spec: BenchSpec, features: tuple[str, ...],

@@ -106,9 +106,12 @@ class Scaler:
 class Calibration:
     """What the scorer and detector need, measured on held-out data with the exported model.
 
-    ``residual_std`` is per target, in scaled units: the spread of
-    (reading - forecast made one step earlier) on normal data. ``threshold``
-    is on the smoothed score.
+    ``residual_std`` is per target, in scaled units: the long-run spread, at
+    the score's smoothing span ``score_span``, of (reading - forecast made one
+    step earlier) on normal data (see ``runtime.calibration.calibrate``).
+    ``threshold`` is on the score of ``runtime.scoring.Scorer``: the RMS over
+    channels of each channel's EWMA-smoothed normalised error, about 1 on
+    normal data. ``threshold = factor × quantile`` of the held-out scores.
     """
 
     residual_std: tuple[float, ...]

@@ -76,7 +76,8 @@ def render(info: dict) -> str:
         f"features ({len(info['features'])}): {', '.join(info['features'])}",
         f"targets  ({len(info['targets'])}): {', '.join(info['targets'])}",
         f"scaler: {info['scaler']['kind']}; sample period {info['sample_period_s']:g} s",
-        f"threshold: {cal['threshold']:.4g} on the EWMA(span {cal['score_span']}) score "
+        f"threshold: {cal['threshold']:.4g} on the score (per-channel EWMA span {cal['score_span']}, "
+        f"~1 when normal) "
         f"(q{cal['quantile']} × {cal['factor']} of {cal['n_scores']} held-out scores); "
         f"warm-up {cal['warmup']} readings",
         f"trained on {t['data_path']} (sha256 {t['data_sha256']})",

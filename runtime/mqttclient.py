@@ -21,8 +21,11 @@ spends most of its time on system calls, not on MQTT:
   engine thread queues its packets without that, and wakes the network thread
   once at the end, which then writes them all.
 
-And :meth:`BufferedClient.publish_qos0` builds a QoS 0 PUBLISH itself: paho's
-``publish`` makes a message-info object with a lock and a condition for each.
+And :meth:`BufferedClient.publish_many_qos0` and :meth:`BufferedClient.ack_many`
+build QoS 0 PUBLISH and PUBACK packets themselves, a whole batch as one write:
+paho's ``publish`` makes a message-info object with a lock and a condition for
+each message, and its network thread handles every queued packet on its own.
+The socket gets TCP_NODELAY (writes are joined already).
 
 These hook paho's private methods ``_sock_recv``, ``_sock_send``,
 ``_packet_write``, ``_packet_queue``, ``loop_read``, ``want_write`` and its
@@ -36,6 +39,7 @@ on reconnect, unacknowledged readings are redelivered by the broker.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +48,8 @@ import paho.mqtt.client as mqtt
 
 READ_CHUNK = 65536
 _PUBLISH = 0x30
+_PUBACK = 0x40
+_PUBACK_HEAD = b"\x40\x02"  # PUBACK, remaining length 2: the packet id (reason 0 omitted, as v5 allows)
 WRITE_EVERY = 64  # while reading a long burst, flush the writes every this many packets
 _DISCONNECT = 0xE0
 
@@ -115,7 +121,12 @@ class BufferedClient(mqtt.Client):
         # Bytes of a dead connection mean nothing on a new one.
         self._rbuf, self._rpos = b"", 0
         self._wbuf.clear()
-        return super().reconnect()
+        rc = super().reconnect()
+        # Writes are joined here already: Nagle's algorithm would only add delay (~40 ms
+        # with delayed ACKs) to each batch's forecasts and acknowledgements.
+        with contextlib.suppress(OSError, AttributeError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return rc
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -156,15 +167,27 @@ class BufferedClient(mqtt.Client):
         ``topic`` must be a valid topic name (no wildcards). Returns False, sending nothing,
         when there is no connection.
         """
+        return self.publish_many_qos0([topic], [payload], retain)
+
+    def publish_many_qos0(self, topics: list[str], payloads: list[bytes], retain: bool = False) -> bool:
+        """Many QoS 0 PUBLISHes, in order, queued as one write: paho handles them as one packet."""
         if self._sock is None or not self.is_connected():
             return False
-        name = topic.encode()
         props = b"\x00" if self._protocol == mqtt.MQTTv5 else b""  # no properties
-        body_len = 2 + len(name) + len(props) + len(payload)
-        packet = b"".join((bytes((_PUBLISH | bool(retain),)), _varint(body_len),
-                           len(name).to_bytes(2, "big"), name, props, payload))
-        self._packet_queue(_PUBLISH, packet, 0, 0, _PUBLISHED)
+        head = bytes((_PUBLISH | bool(retain),))
+        parts = []
+        for topic, payload in zip(topics, payloads, strict=True):
+            name = topic.encode()
+            parts += (head, _varint(2 + len(name) + len(props) + len(payload)),
+                      len(name).to_bytes(2, "big"), name, props, payload)
+        self._packet_queue(_PUBLISH, b"".join(parts), 0, 0, _PUBLISHED)
         return True
+
+    def ack_many(self, mids: list[int]) -> None:
+        """PUBACKs (success) for QoS 1 messages, in order, queued as one write."""
+        if mids and self._sock is not None:
+            self._packet_queue(_PUBACK, b"".join(_PUBACK_HEAD + mid.to_bytes(2, "big") for mid in mids),
+                               0, 0, None)
 
     def backlog(self) -> int:
         """Packets queued for the network thread to write."""

@@ -176,15 +176,13 @@ class Outbox:
             self.drain()
         start = 0
         if not self.held and self.client.is_connected():
-            fast = getattr(self.client, "publish_qos0", None) if qos == 0 else None
+            fast = getattr(self.client, "publish_many_qos0", None) if qos == 0 else None
+            if fast is not None and fast(topics, payloads):
+                return
             for start in range(len(topics)):
-                if fast is not None:
-                    sent = fast(topics[start], payloads[start])
-                else:
-                    info = self.client.publish(topics[start], payloads[start], qos=qos)
-                    sent = info.rc != mqtt.MQTT_ERR_NO_CONN or qos > 0  # QoS 1 waits in paho
-                if not sent:
-                    break  # the connection just went: this one and the rest wait
+                info = self.client.publish(topics[start], payloads[start], qos=qos)
+                if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
+                    break  # the connection just went: this one and the rest wait (QoS 1 waits in paho)
             else:
                 return
         for topic, payload in zip(topics[start:], payloads[start:], strict=True):

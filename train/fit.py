@@ -154,31 +154,43 @@ def _apply_max_norm(model: Forecaster, max_norm: float) -> None:
             w.copy_(torch.renorm(w, p=2, dim=0, maxnorm=max_norm))
 
 
+def _validation_loss(model: Forecaster, prepared: Prepared, config: TrainConfig) -> float:
+    """What early stopping watches: streamed error, or windowed for a bidirectional model."""
+    if model.config.bidirectional:
+        return _mse(windowed_residuals(model, prepared, config.look_back))
+    return _mse(streamed_residuals(model, prepared))
+
+
 def fit(
     prepared: Prepared,
     model_config: ForecasterConfig,
     config: TrainConfig,
     progress: Callable[[dict], None] | None = None,
     on_batch: Callable[[int, int, float], None] | None = None,
+    init: Forecaster | None = None,
 ) -> TrainResult:
     """Train; ``progress(row)`` after every epoch (it may raise to stop, as tune's pruner does),
-    ``on_batch(done, total, loss)`` after every batch."""
+    ``on_batch(done, total, loss)`` after every batch.
+
+    ``init``: fine-tune this model instead of starting from random weights; its own
+    validation loss is the one to beat, so fine-tuning never returns a worse model.
+    """
     previous_threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _fit(prepared, model_config, config, progress, on_batch)
+        return _fit(prepared, model_config, config, progress, on_batch, init)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _fit(prepared, model_config, config, progress, on_batch) -> TrainResult:
+def _fit(prepared, model_config, config, progress, on_batch, init) -> TrainResult:
     if model_config.bidirectional and config.mode == "stateful":
         raise ValueError("a bidirectional model trains on windows (--windowed): carrying its state "
                          "across chunks would need the backward pass to see readings from the future")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = Forecaster(model_config)
+    model = init if init is not None else Forecaster(model_config)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.1, patience=config.lr_patience)
     loss_fn = nn.MSELoss()
@@ -196,6 +208,9 @@ def _fit(prepared, model_config, config, progress, on_batch) -> TrainResult:
             _apply_max_norm(model, config.max_norm)
 
     best = (math.inf, 0, None)
+    if init is not None:
+        best = (_validation_loss(model, prepared, config), 0,
+                {k: v.clone() for k, v in model.state_dict().items()})
     history, started = [], time.monotonic()
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -225,10 +240,7 @@ def _fit(prepared, model_config, config, progress, on_batch) -> TrainResult:
                 losses.append(loss.item())
                 if on_batch:
                     on_batch(len(losses), n_batches, losses[-1])
-        if model_config.bidirectional:
-            val_loss = _mse(windowed_residuals(model, prepared, config.look_back))
-        else:
-            val_loss = _mse(streamed_residuals(model, prepared))
+        val_loss = _validation_loss(model, prepared, config)
         plateau.step(val_loss)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                "lr": optimiser.param_groups[0]["lr"]}
