@@ -14,17 +14,9 @@ from faultwatch.runtime.simulator import simulate, write_csv
 from faultwatch.train.command import train_with_options
 from faultwatch.train.options import OptionsError, TrainOptions
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
 
 TINY = {"hidden": [8], "dense": 4, "epochs": 2, "look_back": 10, "lr": 0.01, "batch_size": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

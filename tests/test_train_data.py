@@ -8,24 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from faultwatch.export.build import ExportOptions, export_model
 from faultwatch.runtime import cli
 from faultwatch.runtime.model import StepModel
 from faultwatch.train.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
 
 TINY = ["--hidden", "8", "--dense", "4", "--epochs", "2", "--look-back", "10", "--lr", "1e-2", "--quiet"]
 SKAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "skab"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def train(csv: Path, out: Path, *flags: str) -> dict:

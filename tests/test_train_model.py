@@ -22,13 +22,7 @@ TINY = {"hidden": (16, 8), "dense": 8}
 FAST = {"epochs": 2, "lr": 1e-2, "look_back": 20, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it gives (training uses 1 thread too)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,17 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from faultwatch.runtime import cli
 from faultwatch.runtime.simulator import simulate, write_csv
 from faultwatch.train.options import TrainOptions
 from faultwatch.train.tune import SearchSpace, tune
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
 
 BASE = ["--hidden", "12,6", "--dense", "4", "--lr", "1e-2", "--dropout", "0.3", "--batch-size", "16",
         "--look-back", "20", "--epochs", "3"]
 SPACE = ["--hidden-range", "8,16", "--lr-range", "1e-3,3e-2", "--dropout-range", "0.2,0.5",
          "--batch-range", "16,32", "--look-back-range", "10,30"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
