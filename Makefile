@@ -1,6 +1,6 @@
 # faultwatch developer tasks. `make test` is what CI runs (via .ci/run).
 #
-#   make venv        .venv with torch (CPU) + faultwatch[train,dev], editable
+#   make venv        .venv with torch (CPU) + faultwatch[train,dev,baselines], editable
 #   make mosquitto   make sure the Mosquitto binary is installed (never started as a service)
 #   make lint        ruff
 #   make test        lint, then unit/integration tests and the doctests of runtime/
@@ -38,7 +38,7 @@ APT = if [ "$$(id -u)" -eq 0 ]; then sudo=; \
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@py="$(VENV_PYTHON)"; \
 	if [ -z "$$py" ]; then \
 	  if command -v python3.11 >/dev/null 2>&1 && python3.11 -c '' 2>/dev/null; then py=python3.11; \
@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml
 	  "$$py" -m venv $(VENV); \
 	fi
 	$(VPY) -m pip install -q '$(TORCH_SPEC)'
-	$(VPY) -m pip install -q -e '.[train,dev]'
+	$(VPY) -m pip install -q -e '.[train,dev,baselines]'
 	@touch $@
 
 # Only the binary is needed: tests start their own brokers on free loopback ports. We never
