@@ -1,15 +1,15 @@
 """``faultwatch run``: the edge daemon. MQTT readings in; forecasts and fault events out.
 
-Two threads. paho's network thread only parses and enqueues (a slow model
-step must never stall keep-alives). The engine thread takes what is queued,
-up to ``max_batch`` messages or ``max_latency_ms``, assembles per-channel
-messages into frames (:mod:`.frames`), steps the readings in one onnxruntime
-call, publishes the outputs (through the :mod:`.outbox`, which keeps them
-while the broker is away), and only then acknowledges the readings to the
-broker (MQTT v5 manual ack). A reading the daemon dies holding is
-redelivered by the broker: the persistent session (``clean_start=False``)
-keeps it queued while the daemon is away, and a reading already processed
-(same device, same or older timestamp) is recognised and not stepped twice.
+Two threads. paho's network thread only parses and enqueues (:mod:`.inbox`), so
+a slow model step never stalls keep-alives. The engine thread, here, takes what
+is queued, up to ``max_batch`` messages or ``max_latency_ms``, assembles
+per-channel messages into readings (:mod:`.frames`), steps them in one
+onnxruntime call, publishes the outputs (through the :mod:`.outbox`, which
+keeps them while the broker is away), and only then acknowledges the readings
+to the broker (MQTT v5 manual ack). A reading the daemon dies holding is
+redelivered: the persistent session (:mod:`.connection`) keeps it queued while
+the daemon is away, and a reading already processed (same device, same or
+older timestamp) is recognised and not stepped twice.
 
 The engine thread also owns everything else that changes state: snapshots,
 hot reload (SIGHUP or ``{prefix}/command/reload``), Home Assistant discovery,
@@ -18,46 +18,36 @@ stats. ``/metrics`` and ``/healthz`` are served by a third, read-only thread.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
-import ssl
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from .config import Config, listen_address
+from .connection import Connection
 from .daemon_metrics import render
 from .discovery import Announced, discovery_messages
 from .engine import Engine, EngineSettings, Reading
 from .frames import FrameAssembler
+from .inbox import CHANNEL, READING, Inbox
 from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, MetricsServer, TimedModel
 from .model import ModelError, StepModel
-from .mqttclient import BufferedClient
 from .outbox import FaultJournal, Outbox
-from .payload import ForecastEncoder, PayloadError, fault_message, parse_reading, parse_value
+from .payload import ForecastEncoder, fault_message
 from .snapshot import load_snapshot, save_snapshot
-from .topics import TopicMatcher
 
 log = logging.getLogger("faultwatch")
 
-# What the network thread queues for the engine thread (plain tuples: thousands a second).
-READING, CHANNEL, REJECT = 0, 1, 2
-# (READING, device, ts, values [F], features they are ordered by, mid, qos, received monotonic)
-# (CHANNEL, device, ts, value, channel name, mid, qos, received monotonic)
-# (REJECT, reason, mid, qos)
-OUT_BACKLOG = 4096  # packets queued for paho's network thread before the engine waits for it
+OUT_BACKLOG = 4 << 20  # bytes queued for paho's network thread before the engine waits for it
 
 
 def engine_settings(config: Config) -> EngineSettings:
-    """The engine the daemon runs, from its config (``replay`` of the same readings uses it too)."""
+    """The engine the daemon runs, from its config (a replay of the same readings uses it too)."""
     e = config.engine
     return EngineSettings(
         max_devices=e.max_devices, max_batch=e.max_batch,
@@ -70,34 +60,32 @@ def engine_settings(config: Config) -> EngineSettings:
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.prefix = config.output.prefix
         self.step_seconds = Histogram(LATENCY_BUCKETS)
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)  # reading received → its outputs handed to paho
         self.model = StepModel(config.model, threads=config.engine.threads)
         self.engine = Engine(self._timed(self.model), engine_settings(config))
-        self._adopt_contract()
-        self.topics = TopicMatcher(config.topics)
-        self.prefix = config.output.prefix
-        self.status_topic = f"{self.prefix}/status"
-        self.command_topic = f"{self.prefix}/command/reload"
-        self.inbox: deque[tuple] = deque()
-        self._wakeup = threading.Event()
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
-        self.connected = threading.Event()
-        self.net: Counter = Counter()  # counted by the network thread
+        command_topic = f"{self.prefix}/command/reload"
+        self.inbox = Inbox(config, self.model.contract.features, command_topic, self.reload_requested.set)
+        self._adopt_contract()
         self.counters: Counter = Counter()  # counted by the engine thread
-        self.connection_error = ""
-        self._last_bad_log = self._last_fail_log = 0.0
         self._last_reload = -float("inf")
-        self.started = time.monotonic()
-        self.heartbeat = time.monotonic()
+        self.started = self.heartbeat = time.monotonic()
         self.announced = Announced(config.engine.max_devices)
         self._nth: OrderedDict[str, int] = OrderedDict()  # readings since the last forecast, per device
         self.seen_at = np.zeros(0)  # per engine slot: wall-clock time of its last processed reading
         self.state_dir = Path(config.state_dir) if config.state_dir else None
         self._restore()
-        self.client = self._client()
+        subscriptions = [(s, config.input.qos) for s in self.inbox.topics.subscriptions]
+        if config.reload.mqtt_command:
+            subscriptions.append((command_topic, 0))
+        # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
+        self.connection = Connection(config, f"{self.prefix}/status", subscriptions, self.inbox.on_message,
+                                     self.inbox.full if config.input.qos == 1 else None)
+        self.client = self.connection.client
         journal = (FaultJournal(self.state_dir / "outbox.jsonl", config.output.fault_journal_max)
                    if self.state_dir else None)
         self.outbox = Outbox(self.client, config.output.outbox_max, journal)
@@ -107,15 +95,15 @@ class Daemon:
         return TimedModel(model, self.step_seconds, self.batch_sizes)
 
     def _adopt_contract(self) -> None:
-        """Per-model state of the daemon (the network thread reads ``features`` as one reference)."""
+        """The per-model parts of the daemon (the network thread reads ``inbox.features``)."""
         c = self.model.contract
-        self.targets = c.targets
+        self.features = c.features
         self.feature_index = {name: i for i, name in enumerate(c.features)}
         self.encoder = ForecastEncoder(c.targets)
         self.frames = FrameAssembler(len(c.features), tolerance_s=c.sample_period_s / 2,
                                      max_wait_s=self.config.input.frame_max_wait_s,
                                      max_pending=self.config.input.max_open_frames)
-        self.features = c.features
+        self.inbox.features = c.features
 
     # -- state snapshots -------------------------------------------------------------------
 
@@ -142,113 +130,7 @@ class Daemon:
             self.counters["snapshot_errors"] += 1
             log.error("cannot write state snapshot to %s: %s", self.state_dir, exc)
 
-    # -- MQTT (callbacks run on paho's network thread) -------------------------------------
-
-    def _client(self) -> BufferedClient:
-        b = self.config.broker
-        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=b.client_id,
-                                protocol=mqtt.MQTTv5, manual_ack=True)
-        if b.username:
-            client.username_pw_set(b.username, self.config.password())
-        if b.tls_ca_file:
-            client.tls_set(ca_certs=b.tls_ca_file, certfile=b.tls_cert_file or None,
-                           keyfile=b.tls_key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=b.reconnect_min_s, max_delay=b.reconnect_max_s)
-        client.max_queued_messages_set(0)
-        # Every QoS 1 output goes out at once, in order with the acks queued after it.
-        client.max_inflight_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        if self.config.input.qos == 1:
-            # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
-            max_queue = self.config.input.max_queue
-            client.pause_reading = lambda: len(self.inbox) >= max_queue
-        return client
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        b = self.config.broker
-        if reason_code.is_failure:
-            self.net["connect_refused"] += 1
-            self.connection_error = f"refused: {reason_code}"
-            log.error("broker %s:%d refused the connection: %s", b.host, b.port, reason_code)
-            return
-        self.net["connects"] += 1
-        self.connection_error = ""
-        self.connected.set()
-        log.info("connected to %s:%d (session present: %s)", b.host, b.port, flags.session_present)
-        client.publish(self.status_topic, "online", qos=1, retain=True)
-        # Subscribing here renews the subscriptions after every reconnect.
-        subscriptions = [(s, self.config.input.qos) for s in self.topics.subscriptions]
-        if self.config.reload.mqtt_command:
-            subscriptions.append((self.command_topic, 0))
-        client.subscribe(subscriptions)
-
-    def _on_connect_fail(self, client, userdata) -> None:
-        self.net["connect_failures"] += 1
-        self.connection_error = "unreachable"
-        now = time.monotonic()
-        if now - self._last_fail_log > 30.0:
-            self._last_fail_log = now
-            log.warning("cannot reach the broker at %s:%d; retrying with backoff (up to %g s)",
-                        self.config.broker.host, self.config.broker.port, self.config.broker.reconnect_max_s)
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
-        if not self.stop.is_set():
-            self.net["disconnects"] += 1
-            log.warning("disconnected from broker (%s); reconnecting", reason_code)
-
-    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        """Network thread: parse and enqueue, nothing more. Never raises (paho's thread would die)."""
-        try:
-            mid, qos = message.mid, message.qos
-            try:
-                topic = message.topic
-            except UnicodeDecodeError:
-                topic = ""
-            if topic == self.command_topic:
-                self.net["reload_commands"] += 1
-                self.reload_requested.set()
-                return
-            self.net["received"] += 1
-            found = self.topics.match(topic) if topic else None
-            if found is None:
-                item = (REJECT, "bad_topic", mid, qos)
-            else:
-                device, channel = found
-                max_bytes = self.config.input.max_payload_bytes
-                try:
-                    if channel is None:
-                        features = self.features
-                        ts, values = parse_reading(message.payload, features, time.time(), max_bytes)
-                        item = (READING, device, ts, values, features, mid, qos, time.monotonic())
-                    else:
-                        ts, value = parse_value(message.payload, time.time(), max_bytes)
-                        item = (CHANNEL, device, ts, value, channel, mid, qos, time.monotonic())
-                except PayloadError as exc:
-                    item = (REJECT, exc.reason, mid, qos)
-                    self._log_bad(topic, exc)
-            if qos == 0 and len(self.inbox) >= self.config.input.max_queue:
-                self.net["dropped_queue_full"] += 1
-                return
-            self.inbox.append(item)
-            if not self._wakeup.is_set():
-                self._wakeup.set()
-        except Exception:  # a bug here must not kill paho's network thread
-            self.net["callback_errors"] += 1
-            log.exception("error in on_message")
-
-    def _log_bad(self, topic: str, exc: PayloadError) -> None:
-        now = time.monotonic()
-        if now - self._last_bad_log > 5.0:  # at most one line per 5 s: a flood must not flood the log
-            self._last_bad_log = now
-            log.warning("rejected reading on %s: %s (at most one such line per 5 s; all are counted)",
-                        topic[:200], exc)
-
-    # -- engine thread ---------------------------------------------------------------------
+    # -- one batch -------------------------------------------------------------------------
 
     def _take_batch(self) -> list[tuple]:
         # Output not yet written by paho's thread bounds what the engine takes on: under load
@@ -259,22 +141,8 @@ class Daemon:
         deadline = self.frames.next_deadline()
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-        if not self.inbox:
-            self._wakeup.wait(timeout)
-        self._wakeup.clear()
-        batch: list[tuple] = []
-        limit = self.config.engine.max_batch
-        end = time.monotonic() + self.config.engine.max_latency_ms / 1000.0
-        while True:
-            while self.inbox and len(batch) < limit:
-                batch.append(self.inbox.popleft())
-            if not batch or len(batch) >= limit:
-                return batch
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return batch
-            self._wakeup.wait(remaining)
-            self._wakeup.clear()
+        e = self.config.engine
+        return self.inbox.take(e.max_batch, e.max_latency_ms / 1000.0, timeout)
 
     def _remap(self, values: np.ndarray, features: tuple[str, ...]) -> np.ndarray:
         """A reading parsed for the previous model, in this model's feature order."""
@@ -282,12 +150,16 @@ class Daemon:
         return np.array([values[index[f]] if f in index else np.nan for f in self.features])
 
     def _handle(self, batch: list[tuple]) -> None:
-        now = time.monotonic()
         readings: list[Reading] = []
-        acks: list = []  # per reading: its (mid, qos) tokens
+        acks: list[int] = []  # mids of the QoS 1 messages these readings came in
         received: list[float] = []
-        rejected: list[tuple[int, int]] = []
         frames = self.frames
+
+        def add_frame(frame) -> None:
+            readings.append(Reading(frame.device, frame.ts, frame.values))
+            acks.extend(mid for mid, qos in frame.acks if qos)
+            received.append(frame.opened)
+
         for item in batch:
             kind = item[0]
             if kind == READING:
@@ -295,34 +167,31 @@ class Daemon:
                 if features is not self.features:
                     values = self._remap(values, features)
                 if frames.pending and device in frames.pending:
-                    self._add_frame(frames.close_device(device), readings, acks, received)
+                    add_frame(frames.close_device(device))
                 readings.append(Reading(device, ts, values))
-                acks.append((mid, qos))
+                if qos:
+                    acks.append(mid)
                 received.append(t)
             elif kind == CHANNEL:
                 _, device, ts, value, channel, mid, qos, t = item
                 index = self.feature_index.get(channel)
                 if index is None:
                     self.counters["ignored_channel"] += 1
-                    rejected.append((mid, qos))
+                    if qos:
+                        acks.append(mid)
                     continue
                 for frame in frames.add(device, index, ts, value, (mid, qos), t):
-                    self._add_frame(frame, readings, acks, received)
+                    add_frame(frame)
             else:
-                self.counters[f"bad_{item[1]}"] += 1
-                rejected.append((item[2], item[3]))
-        for frame in frames.expire(now):
-            self._add_frame(frame, readings, acks, received)
-        self._process(readings, acks, received, rejected)
+                _, reason, mid, qos = item
+                self.counters[f"bad_{reason}"] += 1
+                if qos:
+                    acks.append(mid)
+        for frame in frames.expire(time.monotonic()):
+            add_frame(frame)
+        self._process(readings, acks, received)
 
-    @staticmethod
-    def _add_frame(frame, readings: list, acks: list, received: list) -> None:
-        readings.append(Reading(frame.device, frame.ts, frame.values))
-        acks.append(frame.acks)
-        received.append(frame.opened)
-
-    def _process(self, readings: list[Reading], acks: list, received: list[float],
-                 rejected: list[tuple[int, int]]) -> None:
+    def _process(self, readings: list[Reading], acks: list[int], received: list[float]) -> None:
         outputs = [out for out in (self.engine.process(readings) if readings else []) if out is not None]
         self.counters["dropped_out_of_order"] += len(readings) - len(outputs)  # duplicates, or older
         out_cfg = self.config.output
@@ -342,17 +211,8 @@ class Daemon:
                     self._announce(out.device)
             if self.outbox.journal is not None:
                 self.outbox.journal.sync()  # fault events on disk before their readings are acked
-            # Outputs are queued with paho; only now is each reading acknowledged.
-            for token in acks:
-                if isinstance(token, list):
-                    for mid, qos in token:
-                        if qos:
-                            self.client.ack(mid, qos)
-                elif token[1]:
-                    self.client.ack(*token)
-            for mid, qos in rejected:
-                if qos:
-                    self.client.ack(mid, qos)
+            # The outputs are queued with paho, in order: only now are the readings acknowledged.
+            self.client.ack_many(acks)
         self.counters["processed"] += len(outputs)
         if outputs:
             self._mark_seen([out.device for out in outputs])
@@ -411,10 +271,10 @@ class Daemon:
             self._reload_result({"ok": True, "state": "unchanged", "sha256": model.sha256})
             return
         # Samples being assembled are in the old model's channels: finish them with it.
-        pending = [(Reading(f.device, f.ts, f.values), f.acks, f.opened) for f in self.frames.flush()]
-        if pending:
-            readings, acks, received = (list(x) for x in zip(*pending, strict=True))
-            self._process(readings, acks, received, [])
+        closed = self.frames.flush()
+        if closed:
+            self._process([Reading(f.device, f.ts, f.values) for f in closed],
+                          [mid for f in closed for mid, qos in f.acks if qos], [f.opened for f in closed])
         kept = self.engine.swap_model(self._timed(model))
         old, self.model = self.model, model
         self._adopt_contract()
@@ -432,7 +292,7 @@ class Daemon:
     # -- stats and health ------------------------------------------------------------------
 
     def stats(self) -> dict:
-        stats = dict(self.net) | dict(self.counters)
+        stats = dict(self.inbox.counters) | dict(self.connection.counters) | dict(self.counters)
         stats |= {f"engine_{k}": v for k, v in dict(self.engine.counters).items()}
         stats |= {f"frames_{k}": v for k, v in dict(self.frames.counters).items()}
         stats |= dict(self.outbox.counters)
@@ -447,12 +307,11 @@ class Daemon:
 
     def health(self) -> tuple[bool, bool, dict]:
         """(engine loop alive, connected, details) for /healthz and /readyz."""
-        stalled_s = time.monotonic() - self.heartbeat
-        live = stalled_s < 30.0 and not self.stop.is_set()
-        ready = self.client.is_connected()
+        live = time.monotonic() - self.heartbeat < 30.0 and not self.stop.is_set()
+        ready = self.connection.is_connected()
         return live, ready, {
             "status": "ok" if live else "stalled", "connected": ready,
-            "connection_error": self.connection_error, "model_sha256": self.model.sha256,
+            "connection_error": self.connection.error, "model_sha256": self.model.sha256,
             "devices": len(self.engine.table.slots), "queue": len(self.inbox),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
@@ -473,21 +332,15 @@ class Daemon:
     # -- main loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        b = self.config.broker
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = b.session_expiry_s
-        props.ReceiveMaximum = b.receive_maximum
-        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s, clean_start=False,
-                                  properties=props)
-        self.client.loop_start()
+        self.connection.start()
         self._start_metrics()
         log.info("faultwatch daemon: model %s (sha256 %s…), %d features, reading %s",
                  self.config.model, self.model.sha256[:12], len(self.features),
-                 ", ".join(self.topics.subscriptions))
+                 ", ".join(self.inbox.topics.subscriptions))
         stats_every = self.config.output.stats_interval_s
-        next_stats = time.monotonic() + (stats_every or float("inf"))
-        next_snapshot = time.monotonic() + self.config.snapshot_interval_s
-        next_prune = time.monotonic() + 1.0
+        now = time.monotonic()
+        next_stats, next_prune = now + (stats_every or float("inf")), now + 1.0
+        next_snapshot = now + self.config.snapshot_interval_s
         try:
             while not self.stop.is_set():
                 self.heartbeat = time.monotonic()
@@ -523,16 +376,10 @@ class Daemon:
         self.stop.set()
         self._snapshot()
         log.info("stopping: %s", json.dumps(self.stats(), sort_keys=True))
-        if self.client.is_connected():
-            with contextlib.suppress(RuntimeError, ValueError):
-                self.outbox.drain()
-                info = self.client.publish(self.status_topic, "stopped", qos=1, retain=True)
-                info.wait_for_publish(timeout=5)
+        self.connection.stop(before_stopped=self.outbox.drain)
         if self.outbox.journal is not None:
             self.outbox.journal.prune()
             self.outbox.journal.close()
-        self.client.disconnect()
-        self.client.loop_stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
 

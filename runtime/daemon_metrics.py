@@ -48,7 +48,7 @@ def _staleness(d) -> list[str]:
 
 def render(d) -> str:
     """The whole exposition for :class:`faultwatch.runtime.daemon.Daemon` ``d``."""
-    net, counters = dict(d.net), dict(d.counters)
+    net, counters = dict(d.inbox.counters) | dict(d.connection.counters), dict(d.counters)
     engine, frames, outbox = dict(d.engine.counters), dict(d.frames.counters), dict(d.outbox.counters)
     lines: list[str] = []
 

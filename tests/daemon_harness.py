@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 from faultwatch.runtime.engine import Output, Reading
 from faultwatch.runtime.payload import ForecastEncoder, encode_reading
 from faultwatch.runtime.simulator import CHANNELS, SimData
@@ -33,8 +34,22 @@ def toml(sections: dict) -> str:
     return "\n".join(top + tables) + "\n"  # JSON scalars and string lists are valid TOML
 
 
+_STARTED: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_daemons_at_teardown():
+    """Import this into a test module: no daemon outlives its test, whatever the test did."""
+    yield
+    while _STARTED:
+        _STARTED.pop().kill()
+
+
 class Daemon:
-    """``python -m faultwatch.runtime.cli run`` with a config of its own; output in ``log_path``."""
+    """``python -m faultwatch.runtime.cli run`` with a config of its own; output in ``log_path``.
+
+    Every one started is killed at the test's teardown (``kill_daemons_at_teardown``).
+    """
 
     def __init__(self, model: Path, broker, workdir: Path, name: str, config: dict):
         workdir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +66,7 @@ class Daemon:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
+        _STARTED.append(self)
         return self
 
     def log(self) -> str:

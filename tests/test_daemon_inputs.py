@@ -10,7 +10,16 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from daemon_harness import Daemon, Publisher, answered, as_readings, expected_messages, forecasts, payload
+from daemon_harness import (
+    Daemon,
+    Publisher,
+    answered,
+    as_readings,
+    expected_messages,
+    forecasts,
+    kill_daemons_at_teardown,  # noqa: F401 (the fixture, for this module)
+    payload,
+)
 from faultwatch.runtime.broker import MosquittoBroker
 from faultwatch.runtime.engine import Engine, EngineSettings
 from faultwatch.runtime.model import StepModel
@@ -300,3 +309,55 @@ def test_a_refused_connection_is_reported_as_refused(trained, tmp_path):
         assert "connected to" not in daemon.log()
         assert daemon.terminate() == 0
 
+
+
+def test_qos0_input_drops_beyond_its_queue_and_counts_every_message(broker, trained, tmp_path):
+    row = simulate(steps=1, seed=45).values[0, 0]
+    config = _config("fw-qos0", input={"qos": 0, "max_queue": 5}, engine={"max_batch": 1},
+                     output={"forecasts": False}, homeassistant={"discovery": False})
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/status"]) as recorder:
+        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
+        wait_for(lambda: any(m.payload == b"online" for m in recorder.messages("faultwatch/status")),
+                 timeout=90, message=daemon.log)
+        # The subscription follows `online`; a reading that gets through proves it is in place.
+        publisher = Publisher(broker)
+        wait_for(lambda: publisher.send("sensors/probe", payload(1e9 + len(publisher.sent), row), qos=0)
+                 or daemon.metric("faultwatch_readings_received_total") > 0, timeout=30, interval=0.2)
+        before = daemon.metric("faultwatch_readings_received_total")
+        n = 3000
+        for i in range(n):
+            publisher.send(f"sensors/pump-{i % 50}", payload(1_700_000_000.0 + i, row), qos=0)
+
+        def settled() -> bool:
+            received = daemon.metric("faultwatch_readings_received_total") - before
+            return received >= n and daemon.metric("faultwatch_queue_depth") == 0
+
+        wait_for(settled, timeout=60, message=lambda: daemon.get("/metrics")[1])
+        dropped = daemon.metric("faultwatch_readings_dropped_total", 'reason="queue_full"')
+        duplicates = daemon.metric("faultwatch_readings_dropped_total", 'reason="duplicate"')
+        processed = daemon.metric("faultwatch_readings_processed_total")
+        received = daemon.metric("faultwatch_readings_received_total")
+        assert dropped > 0, "the flood never filled a queue of 5: nothing was tested"
+        assert processed + dropped + duplicates == received  # every message processed or counted
+        assert daemon.alive() and daemon.terminate() == 0
+        publisher.close()
+
+
+def test_forecast_every_nth_reading(broker, trained, tmp_path):
+    data = simulate(devices=2, steps=7, seed=46)
+    config = _config("fw-every", output={"forecast_every": 3})
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast", "faultwatch/status"]) as recorder:
+        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
+        _online(daemon, broker, recorder)
+        publisher = Publisher(broker)
+        for k, ts in enumerate(data.timestamps):
+            for i, device in enumerate(data.devices):
+                publisher.send(f"sensors/{device}", payload(round(float(ts), 3), data.values[i, k]))
+        publisher.wait()
+        wait_for(lambda: daemon.metric("faultwatch_readings_processed_total") >= 15, timeout=30,
+                 message=daemon.log)
+        for device in data.devices:
+            stamps = [b["ts"] for d, b in forecasts(recorder.messages()) if d == device]
+            assert stamps == [round(float(data.timestamps[k]), 3) for k in (0, 3, 6)]
+        assert daemon.terminate() == 0
+        publisher.close()

@@ -20,11 +20,14 @@ pytestmark = pytest.mark.integration
 
 def test_the_paho_internals_it_hooks_exist():
     for name in ("_sock_recv", "_sock_send", "_packet_write", "_packet_queue", "loop_read", "want_write",
-                 "reconnect"):
+                 "reconnect", "_handle_publish", "_send_puback", "_easy_log", "message_callback_add"):
         assert callable(getattr(mqtt.Client, name, None)), name
     client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    for name in ("_sockpairW", "_sock", "_protocol", "_out_packet"):
+    for name in ("_sockpairW", "_sock", "_protocol", "_out_packet", "_in_packet", "_in_callback_mutex",
+                 "_userdata", "_manual_ack", "suppress_exceptions"):
         assert hasattr(client, name), name
+    assert set(mqtt.MQTTMessage.__slots__) == {"_topic", "dup", "info", "mid", "payload", "properties",
+                                               "qos", "retain", "state", "timestamp"}
 
 
 def _connect(client: mqtt.Client, broker, props: Properties | None = None) -> mqtt.Client:
@@ -116,6 +119,37 @@ def test_pause_reading_holds_messages_at_the_broker(broker):
         paused[0] = False
         wait_for(lambda: len(received) == 50, timeout=30, message=lambda: f"got {len(received)}")
         assert received == [str(i).encode() for i in range(50)]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def test_messages_with_properties_and_topic_callbacks_take_paho_own_path(broker):
+    got: list[tuple[str, bytes, list]] = []
+    filtered: list[bytes] = []
+    sub = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *args: subscribed.set()
+    sub.on_message = lambda c, u, m: got.append(
+        (m.topic, m.payload, getattr(m.properties, "UserProperty", [])))
+    _connect(sub, broker)
+    sub.subscribe([("plain/#", 1), ("props/#", 1), ("filtered/#", 0)])
+    assert subscribed.wait(20)
+    pub = _connect(mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5), broker)
+    try:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("site", "north")
+        pub.publish("plain/a", b"1", qos=1).wait_for_publish(20)
+        pub.publish("props/b", b"2", qos=1, properties=props).wait_for_publish(20)
+        pub.publish("plain/c", b"", qos=0).wait_for_publish(20)
+        wait_for(lambda: len(got) == 3, timeout=20, message=lambda: str(got))
+        assert got == [("plain/a", b"1", []), ("props/b", b"2", [("site", "north")]), ("plain/c", b"", [])]
+        sub.message_callback_add("filtered/#", lambda c, u, m: filtered.append(m.payload))
+        pub.publish("filtered/x", b"3", qos=0).wait_for_publish(20)
+        wait_for(lambda: filtered == [b"3"], timeout=20, message=lambda: str(filtered))
+        assert len(got) == 3
     finally:
         pub.disconnect()
         pub.loop_stop()

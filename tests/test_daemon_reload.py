@@ -19,6 +19,7 @@ from daemon_harness import (
     as_readings,
     expected_messages,
     forecasts,
+    kill_daemons_at_teardown,  # noqa: F401 (the fixture, for this module)
     payload,
     readings_of,
     renamed_feature_model,
