@@ -117,6 +117,8 @@ class MosquittoBroker:
             "autosave_interval 0",  # save on exit (SIGTERM) only: stop() is the save point
             "max_queued_messages 100000",
             "max_inflight_messages 1000",
+            # As deploy/mosquitto.conf: without it Nagle + delayed ACK add ~40 ms to every forecast.
+            "set_tcp_nodelay true",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
