@@ -6,6 +6,7 @@ User errors print one line to stderr and exit 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -390,8 +391,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "needs_torch", False):
+        # Only the train/export side gets here, and it imports torch next anyway: importing it
+        # now turns a missing (or broken) install into the one-line hint. The runtime's own
+        # commands never reach this line.
         try:
-            import torch  # noqa: F401
+            importlib.import_module("torch")
         except ImportError:
             print(f"faultwatch {args.command}: {TRAIN_HINT}", file=sys.stderr)
             return 2

@@ -183,19 +183,6 @@ def _slice(data: SimData, steps: slice) -> SimData:
 
 
 def _train_and_export(workdir: Path, seed: int, clock: _Clock) -> tuple[Path, dict, SimData]:
-    import torch
-
-    # One thread: this model is too small to gain from two, and on a busy 2-core machine
-    # torch's default (one thread per core) made the same training 20-40× slower (138 s vs 3.6 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _simulate_train_export(workdir, seed, clock)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _simulate_train_export(workdir: Path, seed: int, clock: _Clock) -> tuple[Path, dict, SimData]:
     from faultwatch.export.build import ExportOptions, export_model
     from faultwatch.train.command import train_run
     from faultwatch.train.fit import TrainConfig
