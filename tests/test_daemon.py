@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from daemon_harness import Daemon
 from faultwatch.export.build import TOLERANCE
 from faultwatch.runtime.engine import Engine, Reading
 from faultwatch.runtime.model import StepModel
@@ -33,61 +31,15 @@ pytestmark = pytest.mark.integration
 VALVE_CHANNELS = {"flow_rate", "pressure", "current"}
 
 
-# -- a daemon subprocess -------------------------------------------------------------------
-
-
-def _toml(sections: dict[str, dict]) -> str:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars are valid TOML here
-    return "\n".join(lines) + "\n"
-
-
-class DaemonProcess:
-    """``faultwatch run`` in a subprocess, its stdout and stderr in ``log_path``."""
-
-    def __init__(self, model: Path, broker, workdir: Path, name: str, sections: dict[str, dict]):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / f"{name}.toml"
-        self.config_path.write_text(_toml(sections))
-        self.log_path = workdir / f"{name}.log"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "faultwatch.runtime.cli", "run", "--model", str(model),
-                 "--broker", broker.address, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM, as systemd stops it; returns the exit code."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"daemon ignored SIGTERM for {timeout:g} s:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait()
+# -- a daemon subprocess: the shared harness -------------------------------------------
 
 
 @pytest.fixture
-def start_daemon(broker, trained: TrainedModels, tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+def start_daemon(broker, trained: TrainedModels, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """``start_daemon(client_id=..., **{section: {key: value}})``; every daemon is killed at teardown."""
-    started: list[DaemonProcess] = []
+    started: list[Daemon] = []
 
-    def start(client_id: str = "faultwatch-test", **sections: dict) -> DaemonProcess:
+    def start(client_id: str = "faultwatch-test", **sections: dict) -> Daemon:
         config = {
             "broker": {"client_id": client_id},
             # QoS 1 out as well as in, so "every reading answered" can be asserted exactly.
@@ -97,7 +49,7 @@ def start_daemon(broker, trained: TrainedModels, tmp_path: Path) -> Iterator[Cal
         }
         for section, values in sections.items():
             config[section] = config.get(section, {}) | values
-        daemon = DaemonProcess(trained.int8, broker, tmp_path / "daemon", f"daemon-{len(started)}", config)
+        daemon = Daemon(trained.int8, broker, tmp_path / "daemon", f"daemon-{len(started)}", config)
         started.append(daemon)
         return daemon
 
@@ -129,7 +81,7 @@ def forecasts(recorder: MqttRecorder, device: str = "+") -> list[tuple[str, dict
             for m in recorder.messages(f"faultwatch/{device}/forecast")]
 
 
-def wait_until_serving(daemon: DaemonProcess, recorder: MqttRecorder, broker, device: str = "probe") -> None:
+def wait_until_serving(daemon: Daemon, recorder: MqttRecorder, broker, device: str = "probe") -> None:
     """Online, and subscribed: readings of ``device`` are published until one is answered.
 
     ``online`` is published just before the subscription is made, so a reading sent on
