@@ -36,6 +36,7 @@ class Connection:
         self.config = config
         self.status_topic = status_topic
         self.subscriptions = subscriptions
+        self._subscribe_mid = -1  # the SUBACK that announces `online`
         self.counters: Counter = Counter()  # counted on the network thread only
         self.error = ""  # why the last connection attempt failed: "refused: ...", "unreachable"
         self.connected = threading.Event()
@@ -56,6 +57,7 @@ class Connection:
         client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = on_message
         client.pause_reading = pause_reading
@@ -98,8 +100,20 @@ class Connection:
         self.error = ""
         self.connected.set()
         log.info("connected to %s:%d (session present: %s)", b.host, b.port, flags.session_present)
+        # `online` waits for the SUBACK (_on_subscribe): a publisher that starts sending when it
+        # sees `online` must not hit the window before a first-ever subscription exists.
+        _, self._subscribe_mid = client.subscribe(self.subscriptions)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            self.counters["subscribe_refused"] += 1
+            self.error = f"subscription refused: {', '.join(refused)}"
+            log.error("broker refused the subscription to %s: %s", self.subscriptions, ", ".join(refused))
+            return
         client.publish(self.status_topic, "online", qos=1, retain=True)
-        client.subscribe(self.subscriptions)
 
     def _on_connect_fail(self, client, userdata) -> None:
         self.counters["connect_failures"] += 1

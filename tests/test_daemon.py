@@ -82,11 +82,7 @@ def forecasts(recorder: MqttRecorder, device: str = "+") -> list[tuple[str, dict
 
 
 def wait_until_serving(daemon: Daemon, recorder: MqttRecorder, broker, device: str = "probe") -> None:
-    """Online, and subscribed: readings of ``device`` are published until one is answered.
-
-    ``online`` is published just before the subscription is made, so a reading sent on
-    seeing it could still miss a first-time subscriber.
-    """
+    """Online, and answering: readings of ``device`` are published until one is answered."""
     wait_for(lambda: any(m.payload == b"online" for m in recorder.messages("faultwatch/status"))
              or not daemon.alive(), timeout=90, message=lambda: f"daemon never online:\n{daemon.log()}")
     assert daemon.alive(), daemon.log()
@@ -163,6 +159,21 @@ def test_answers_every_reading_and_reports_its_status(broker, start_daemon, trai
         stopped = retained(broker, "faultwatch/status", lambda msgs: len(msgs) >= 1)
         assert [(m.payload, m.retain) for m in stopped] == [(b"stopped", True)]
         assert "stopping" in daemon.log()
+
+
+def test_online_is_announced_only_once_readings_are_subscribed(broker, start_daemon):
+    """A first-ever session: the one reading sent on seeing `online` must be answered."""
+    with MqttRecorder(broker.host, broker.port, "faultwatch/#") as recorder:
+        daemon = start_daemon(client_id="never-seen-before")
+        wait_for(lambda: any(m.payload == b"online" for m in recorder.messages("faultwatch/status"))
+                 or not daemon.alive(), timeout=90, message=lambda: f"daemon never online:\n{daemon.log()}")
+        publisher = Publisher(broker)
+        try:
+            publisher.send("sensors/first", encode_reading(1_700_000_000.0, {c: 1.0 for c in CHANNELS}))
+        finally:
+            publisher.close()
+        wait_for(lambda: forecasts(recorder, "first"), timeout=60,
+                 message=lambda: f"the reading sent on `online` was never answered:\n{daemon.log()}")
 
 
 def test_last_will_says_offline_when_the_daemon_dies(broker, start_daemon):
