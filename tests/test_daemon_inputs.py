@@ -19,6 +19,7 @@ from daemon_harness import (
     forecasts,
     kill_daemons_at_teardown,  # noqa: F401 (the fixture, for this module)
     payload,
+    readings_of,
 )
 from faultwatch.runtime.broker import MosquittoBroker
 from faultwatch.runtime.engine import Engine, EngineSettings
@@ -246,9 +247,8 @@ def test_home_assistant_discovery_metrics_and_health(broker, trained, tmp_path):
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
         _online(daemon, broker, recorder)
         publisher = Publisher(broker)
-        for k, ts in enumerate(data.timestamps):
-            for i, device in enumerate(data.devices):
-                publisher.send(f"sensors/{device}", payload(round(float(ts), 3), data.values[i, k]))
+        for device, ts, values in readings_of(data):
+            publisher.send(f"sensors/{device}", payload(ts, values))
         publisher.wait()
         wait_for(lambda: len(answered(recorder.messages())) >= 10, timeout=30, message=daemon.log)
         configs = recorder.messages("ha/#")
@@ -350,9 +350,8 @@ def test_forecast_every_nth_reading(broker, trained, tmp_path):
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
         _online(daemon, broker, recorder)
         publisher = Publisher(broker)
-        for k, ts in enumerate(data.timestamps):
-            for i, device in enumerate(data.devices):
-                publisher.send(f"sensors/{device}", payload(round(float(ts), 3), data.values[i, k]))
+        for device, ts, values in readings_of(data):
+            publisher.send(f"sensors/{device}", payload(ts, values))
         publisher.wait()
         wait_for(lambda: daemon.metric("faultwatch_readings_processed_total") >= 15, timeout=30,
                  message=daemon.log)
