@@ -38,7 +38,7 @@ from .inbox import CHANNEL, READING, Inbox
 from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, MetricsServer, TimedModel
 from .model import ModelError, StepModel
 from .outbox import FaultJournal, Outbox
-from .payload import ForecastEncoder, fault_message
+from .payload import REJECTED, ForecastEncoder, fault_message
 from .snapshot import load_snapshot, save_snapshot
 
 log = logging.getLogger("faultwatch")
@@ -184,7 +184,7 @@ class Daemon:
                     add_frame(frame)
             else:
                 _, reason, mid, qos = item
-                self.counters[f"bad_{reason}"] += 1
+                self.counters[REJECTED + reason] += 1
                 if qos:
                     acks.append(mid)
         for frame in frames.expire(time.monotonic()):

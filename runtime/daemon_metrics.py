@@ -13,11 +13,12 @@ import time
 import numpy as np
 
 from .metrics import STALE_AFTER_S, family, process_memory_bytes
+from .payload import REJECTED
 
 
 def _drops(net: dict, counters: dict, outbox: dict) -> list[tuple[dict, int]]:
     """Readings (or outputs) not processed (sent), by reason."""
-    reasons = {k[4:]: v for k, v in counters.items() if k.startswith("bad_")}
+    reasons = {k.removeprefix(REJECTED): v for k, v in counters.items() if k.startswith(REJECTED)}
     reasons["queue_full"] = net.get("dropped_queue_full", 0)
     reasons["duplicate"] = counters.get("dropped_out_of_order", 0)
     reasons["ignored_channel"] = counters.get("ignored_channel", 0)

@@ -270,12 +270,12 @@ def test_malformed_readings_are_counted_logged_and_skipped(broker, start_daemon)
         wait_for(lambda: [b for _, b in forecasts(recorder, "pump-bad") if b["ts"] == good_ts],
                  timeout=60, message=lambda: f"valid reading not answered:\n{daemon.log()}")
         assert len(forecasts(recorder, "pump-bad")) == 1  # and nothing bad was answered
-        expected = Counter(f"bad_{reason}" for _, _, reason in bad)
+        expected = Counter(f"rejected_{reason}" for _, _, reason in bad)
 
         def stats_with_all_rejections() -> dict | None:
             for m in reversed(recorder.messages("faultwatch/stats")):
                 stats = json.loads(m.payload)
-                if {k: v for k, v in stats.items() if k.startswith("bad_")} == expected:
+                if {k: v for k, v in stats.items() if k.startswith("rejected_")} == expected:
                     return stats
             return None
 

@@ -139,18 +139,18 @@ messages = st.tuples(devices, st.sampled_from([None, *CHANNELS, "humidity"]), bo
 
 
 def _expected_reason(matcher: TopicMatcher, topic: str, body: bytes) -> str | None:
-    """The stats key the daemon must count this message under (bad_<reason>, ignored_channel),
+    """The stats key the daemon must count this message under (rejected_<reason>, ignored_channel),
     or None for a reading it steps."""
     found = matcher.match(topic)
     if found is None:
-        return "bad_bad_topic"
+        return "rejected_bad_topic"
     try:
         if found[1] is None:
             parse_reading(body, CHANNELS, now=0.0)
         else:
             parse_value(body, now=0.0)
     except PayloadError as exc:
-        return f"bad_{exc.reason}"
+        return f"rejected_{exc.reason}"
     return None if found[1] in (None, *CHANNELS) else "ignored_channel"
 
 
@@ -192,7 +192,7 @@ def test_thousands_of_hostile_payloads_are_counted_and_valid_readings_still_answ
             for m in reversed(recorder.messages("faultwatch/stats")):
                 stats = json.loads(m.payload)
                 return Counter({k: v for k, v in stats.items()
-                                if k.startswith("bad_") or k == "ignored_channel"})
+                                if k.startswith("rejected_") or k == "ignored_channel"})
             return Counter()
 
         wait_for(lambda: counted() == expected, timeout=30,
@@ -202,7 +202,7 @@ def test_thousands_of_hostile_payloads_are_counted_and_valid_readings_still_answ
         status, health = daemon.get("/healthz")
         assert status == 200 and json.loads(health)["connected"] is True
         for key, n in expected.items():
-            label = key.removeprefix("bad_")
+            label = key.removeprefix("rejected_")
             assert daemon.metric("faultwatch_readings_dropped_total", f'reason="{label}"') == n
         assert daemon.metric("faultwatch_callback_errors_total") == 0
         assert daemon.terminate() == 0
