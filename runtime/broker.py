@@ -14,6 +14,10 @@ True True
 >>> broker.running   # stopped (SIGTERM, persistence saved) on leaving the block
 False
 
+A :class:`SecureListener` adds a second listener that asks for a password and/or
+speaks TLS, for the client under test, while the first stays open to everyone else
+(``per_listener_settings``).
+
 Standard library only: the edge install does not need it, and it does not need paho.
 """
 
@@ -25,6 +29,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -70,6 +75,27 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
+@dataclass
+class SecureListener:
+    """A second listener on 127.0.0.1: with ``users``, only those name/password pairs may
+    connect (no anonymous clients); with ``tls`` = (CA, certificate, key) PEM files, TLS only.
+    Change ``users`` and :meth:`MosquittoBroker.restart` to change the passwords."""
+
+    users: dict[str, str] = field(default_factory=dict)
+    tls: tuple[Path, Path, Path] | None = None
+    port: int = 0  # 0: a free port, picked when the broker is made
+
+
+def find_passwd_tool() -> str:
+    """``mosquitto_passwd``, from the same Debian package as the broker."""
+    found = shutil.which("mosquitto_passwd") or next(
+        (p for p in ("/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd") if os.access(p, os.X_OK)),
+        None)
+    if found is None:
+        raise BrokerUnavailable(f"mosquitto_passwd not found: {INSTALL_HINT}")
+    return found
+
+
 class MosquittoBroker:
     """One Mosquitto process on 127.0.0.1 with its config, persistence and log in ``data_dir``.
 
@@ -80,8 +106,12 @@ class MosquittoBroker:
 
     host = "127.0.0.1"
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, binary: str | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, *, binary: str | None = None,
+                 secure: SecureListener | None = None) -> None:
         self.binary = binary or find_mosquitto()
+        self.secure = secure
+        if secure is not None and not secure.port:
+            secure.port = free_port(self.host)
         self.data_dir = Path(data_dir)
         self._port_given = port is not None
         self.port = port or free_port(self.host)
@@ -100,6 +130,13 @@ class MosquittoBroker:
         return f"{self.host}:{self.port}"
 
     @property
+    def secure_address(self) -> str:
+        """``"127.0.0.1:PORT"`` of the :class:`SecureListener`."""
+        if self.secure is None:
+            raise BrokerError("this broker has no secure listener")
+        return f"{self.host}:{self.secure.port}"
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -109,8 +146,6 @@ class MosquittoBroker:
 
     def _write_config(self) -> None:
         lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
             "persistence true",
             f"persistence_location {self.data_dir}/",
             "persistence_file mosquitto.db",
@@ -131,7 +166,30 @@ class MosquittoBroker:
             # As root, mosquitto would switch to the `mosquitto` user, which cannot
             # write into a private (e.g. tmp) directory.
             lines.append("user root")
+        if self.secure is not None:
+            lines.append("per_listener_settings true")
+        lines += [f"listener {self.port} {self.host}", "allow_anonymous true"]
+        if self.secure is not None:
+            lines += [f"listener {self.secure.port} {self.host}", *self._secure_lines(self.secure)]
         self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _secure_lines(self, secure: SecureListener) -> list[str]:
+        lines = []
+        if secure.users:
+            passwd = self.data_dir / "passwd"
+            passwd.unlink(missing_ok=True)
+            tool = find_passwd_tool()
+            for i, (user, password) in enumerate(secure.users.items()):
+                subprocess.run([tool, *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
+                               check=True, capture_output=True, stdin=subprocess.DEVNULL)
+            passwd.chmod(0o600)
+            lines += ["allow_anonymous false", f"password_file {passwd}"]
+        else:
+            lines.append("allow_anonymous true")
+        if secure.tls is not None:
+            ca, cert, key = secure.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        return lines
 
     def start(self, timeout: float = 20.0) -> MosquittoBroker:
         """Start (or start again) with the same config and data; return self.
@@ -142,6 +200,7 @@ class MosquittoBroker:
         """
         if self.running:
             raise BrokerError(f"mosquitto already running on {self.address}")
+        self._write_config()  # the secure listener's passwords may have changed
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
@@ -171,6 +230,8 @@ class MosquittoBroker:
                 )
             if not (self._port_given or self._ever_started):
                 self.port = free_port(self.host)  # lost the race for our pick: take another
+                if self.secure is not None:
+                    self.secure.port = free_port(self.host)
                 self._write_config()
             time.sleep(min(0.1 * attempt, 1.0))  # backoff between attempts, not a wait
 
@@ -235,5 +296,5 @@ class MosquittoBroker:
         return f"<MosquittoBroker {self.address} {state}>"
 
 
-__all__ = ["INSTALL_HINT", "BrokerError", "BrokerUnavailable", "MosquittoBroker", "find_mosquitto",
-           "free_port"]
+__all__ = ["INSTALL_HINT", "BrokerError", "BrokerUnavailable", "MosquittoBroker", "SecureListener",
+           "find_mosquitto", "free_port"]

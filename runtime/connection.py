@@ -7,7 +7,8 @@
 - Subscriptions are made in ``on_connect``, so every reconnect renews them.
 - Reconnection with exponential backoff (``broker.reconnect_min_s`` .. ``reconnect_max_s``).
   A refused connection (bad credentials, ...) is logged and counted as refused, and the
-  session is not reported connected; an unreachable broker is logged at most every 30 s.
+  session is not reported connected; a broker that can't be reached (or whose TLS
+  handshake fails, with the reason: an unknown CA, a name mismatch) is logged at most every 30 s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +30,26 @@ from .config import Config
 from .mqttclient import BufferedClient
 
 log = logging.getLogger("faultwatch")
+
+
+def connect_failure(exc: BaseException | None) -> str:
+    """One line on why a connection attempt failed, for the log and /healthz.
+
+    >>> connect_failure(ConnectionRefusedError(111, "Connection refused"))
+    'unreachable: Connection refused'
+    >>> e = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    >>> e.verify_message = "unable to get local issuer certificate"
+    >>> connect_failure(e)
+    'TLS handshake failed: unable to get local issuer certificate (check broker.tls_ca_file)'
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = getattr(exc, "verify_message", None) or str(exc)
+        return f"TLS handshake failed: {why} (check broker.tls_ca_file)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, OSError):
+        return f"unreachable: {exc.strerror or exc}"
+    return "unreachable"
 
 
 class Connection:
@@ -116,14 +138,15 @@ class Connection:
         client.publish(self.status_topic, "online", qos=1, retain=True)
 
     def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this from inside its `except OSError:`, so the exception says why.
         self.counters["connect_failures"] += 1
-        self.error = "unreachable"
+        self.error = connect_failure(sys.exc_info()[1])
         now = time.monotonic()
         if now - self._last_fail_log > 30.0:
             self._last_fail_log = now
             b = self.config.broker
-            log.warning("cannot reach the broker at %s:%d; retrying with backoff (up to %g s)",
-                        b.host, b.port, b.reconnect_max_s)
+            log.warning("cannot connect to the broker at %s:%d: %s; retrying with backoff (up to %g s)",
+                        b.host, b.port, self.error, b.reconnect_max_s)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -91,7 +91,7 @@ def render(d) -> str:
     gauge("connected", "1 while connected to the broker", int(d.client.is_connected()))
     counter("connects_total", "successful connections to the broker", net.get("connects", 0))
     counter("connect_refused_total", "connections the broker refused", net.get("connect_refused", 0))
-    counter("connect_failures_total", "connection attempts that failed (unreachable)",
+    counter("connect_failures_total", "connection attempts that failed (unreachable, TLS handshake)",
             net.get("connect_failures", 0))
     counter("disconnects_total", "connections lost", net.get("disconnects", 0))
     counter("outbox_sent_total", "messages sent after waiting for the connection",

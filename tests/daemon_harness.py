@@ -8,6 +8,7 @@ sections, its log read back, its /metrics scraped on the port it reports.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -48,24 +49,28 @@ def kill_daemons_at_teardown():
 class Daemon:
     """``python -m faultwatch.runtime.cli run`` with a config of its own; output in ``log_path``.
 
+    It connects to ``broker.address`` unless given ``address`` (a broker's secure listener);
+    ``env`` is added to its environment (a password, say).
     Every one started is killed at the test's teardown (``kill_daemons_at_teardown``).
     """
 
-    def __init__(self, model: Path, broker, workdir: Path, name: str, config: dict):
+    def __init__(self, model: Path, broker, workdir: Path, name: str, config: dict, *,
+                 address: str | None = None, env: dict[str, str] | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.config_path = workdir / f"{name}.toml"
         self.config_path.write_text(toml(config))
         self.log_path = workdir / f"{name}.log"
         self.argv = [sys.executable, "-m", "faultwatch.runtime.cli", "run", "--model", str(model),
-                     "--broker", broker.address, "--config", str(self.config_path)]
+                     "--broker", address or broker.address, "--config", str(self.config_path)]
+        self.env = os.environ | (env or {})
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> Daemon:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=self.env)
         _STARTED.append(self)
         return self
 
@@ -116,6 +121,28 @@ class Daemon:
             if line.startswith(key + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
+
+
+def wait_answering(daemon: Daemon, broker, recorder) -> None:
+    """Until ``daemon`` said ``online`` and answers a probe reading published on ``broker``
+    (the recorder subscribes to ``faultwatch/#``, or at least its status and forecasts)."""
+    wait_for(lambda: any(m.payload == b"online" for m in recorder.messages("faultwatch/status")),
+             timeout=90, message=lambda: f"never online:\n{daemon.log()}")
+    # The subscription follows `online` on the same connection: a probe proves it is in place.
+    publisher = Publisher(broker)
+    n = [0]
+
+    def probe() -> bool:
+        if any(d == "probe" for d, _ in forecasts(recorder.messages())):
+            return True
+        n[0] += 1
+        publisher.send("sensors/probe", payload(1_500_000_000.0 + n[0], np.ones(len(CHANNELS))))
+        return False
+
+    try:
+        wait_for(probe, timeout=60, interval=0.3, message=daemon.log)
+    finally:
+        publisher.close()
 
 
 class PersistentRecorder:
