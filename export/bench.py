@@ -12,13 +12,14 @@ onnxruntime session the daemon uses (``threads=1``), and numpy's BLAS in a
 child process with ``OPENBLAS_NUM_THREADS=1``.
 
 Sections: (1) model step per reading at batch 1/64/1024, torch eager vs
-onnxruntime in every precision export offers (fp32, int8, int8-static, fp16); (2) the floor: FLOPs per step and achieved GFLOP/s
-beside numpy on the same GEMM shapes; (3) streaming vs re-windowing over 60
-readings; (4) peers per reading (River's HalfSpaceTrees, a rolling z-score);
-(5) the daemon end to end through a private Mosquitto (``bench_daemon``);
-(6) artifact size and forecast RMSE of every precision. The bench trains its own model of the
-reference size on simulator data (a few epochs: speed doesn't depend on the
-weights) unless given ``--run-dir``.
+onnxruntime in every precision export offers (fp32, int8, int8-static, fp16);
+(2) the floor: FLOPs per step and achieved GFLOP/s beside numpy on the same
+GEMM shapes; (3) streaming vs re-windowing over 60 readings; (4) peers per
+reading (River's HalfSpaceTrees, a rolling z-score); (5) the daemon end to end
+through a private Mosquitto (``bench_daemon``); (6) artifact size and forecast
+RMSE of every precision. The bench trains its own model of the reference size
+on simulator data (a few epochs: speed doesn't depend on the weights) unless
+given ``--run-dir``.
 
 torch is imported lazily: the GEMM child process imports this module without it.
 """

@@ -50,6 +50,10 @@ class InputConfig:
     max_queue: int = 10_000  # messages waiting for the engine: QoS 0 beyond it dropped, QoS 1 held back
     frame_max_wait_s: float = 0.5  # per-channel topics: step a sample with missing channels after this
     max_open_frames: int = 10_000  # per-channel topics: samples being assembled at once
+    # Scale-out: `partitions` daemons read the same topics, each steps the devices of its own
+    # `partition` (0-based; by a hash of the device id) and acknowledges the others unread.
+    partitions: int = 1
+    partition: int = 0
 
 
 @dataclass
@@ -142,6 +146,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "output.stats_interval_s": (0, 86_400),
     "output.outbox_max": (0, 10_000_000),
     "output.fault_journal_max": (1, 10_000_000),
+    "input.partitions": (1, 1024),
+    "input.partition": (0, 1023),
     "engine.max_devices": (1, 1_000_000),
     "engine.max_batch": (1, 65_536),
     "engine.max_latency_ms": (0, 10_000),
@@ -215,6 +221,9 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
     if config.engine.raise_k > config.engine.window_n:
         raise ConfigError("engine.raise_k must be <= engine.window_n")
+    if config.input.partition >= config.input.partitions:
+        raise ConfigError(f"input.partition = {config.input.partition} must be below "
+                          f"input.partitions = {config.input.partitions} (partitions are numbered from 0)")
     if config.broker.reconnect_min_s > config.broker.reconnect_max_s:
         raise ConfigError("broker.reconnect_min_s must be <= broker.reconnect_max_s")
     if config.metrics.listen:

@@ -34,7 +34,7 @@ from .daemon_metrics import render
 from .discovery import Announced, discovery_messages
 from .engine import Engine, EngineSettings, Reading
 from .frames import FrameAssembler
-from .inbox import CHANNEL, READING, Inbox
+from .inbox import CHANNEL, OTHER, READING, Inbox
 from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, MetricsServer, TimedModel
 from .model import ModelError, StepModel
 from .outbox import FaultJournal, Outbox
@@ -61,6 +61,10 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.prefix = config.output.prefix
+        # Partitioned daemons share the prefix (a device's outputs don't say which one stepped
+        # it); each has its own availability and stats: {prefix}/status/{partition}.
+        own = "" if config.input.partitions == 1 else f"/{config.input.partition}"
+        self.status_topic, self.stats_topic = f"{self.prefix}/status{own}", f"{self.prefix}/stats{own}"
         self.step_seconds = Histogram(LATENCY_BUCKETS)
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)  # reading received → its outputs handed to paho
@@ -83,7 +87,7 @@ class Daemon:
         if config.reload.mqtt_command:
             subscriptions.append((command_topic, 0))
         # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
-        self.connection = Connection(config, f"{self.prefix}/status", subscriptions, self.inbox.on_message,
+        self.connection = Connection(config, self.status_topic, subscriptions, self.inbox.on_message,
                                      self.inbox.full if config.input.qos == 1 else None)
         self.client = self.connection.client
         journal = (FaultJournal(self.state_dir / "outbox.jsonl", config.output.fault_journal_max)
@@ -182,6 +186,11 @@ class Daemon:
                     continue
                 for frame in frames.add(device, index, ts, value, (mid, qos), t):
                     add_frame(frame)
+            elif kind == OTHER:
+                _, mid, qos = item
+                self.counters["other_partition"] += 1
+                if qos:
+                    acks.append(mid)
             else:
                 _, reason, mid, qos = item
                 self.counters[REJECTED + reason] += 1
@@ -247,7 +256,8 @@ class Daemon:
     def _announce(self, device: str) -> None:
         for topic, payload in discovery_messages(
                 device, self.prefix, self.config.homeassistant.prefix,
-                scores=self.config.output.forecasts, model=Path(self.config.model).name):
+                scores=self.config.output.forecasts, model=Path(self.config.model).name,
+                status_topic=self.status_topic):
             self.outbox.publish(topic, payload, qos=1, retain=True, droppable=False)
         self.counters["discovery_announced"] += 1
 
@@ -302,7 +312,7 @@ class Daemon:
 
     def _publish_stats(self) -> None:
         stats = self.stats()
-        self.outbox.publish(f"{self.prefix}/stats", json.dumps(stats).encode(), qos=0)
+        self.outbox.publish(self.stats_topic, json.dumps(stats).encode(), qos=0)
         log.info("stats %s", json.dumps(stats, sort_keys=True))
 
     def health(self) -> tuple[bool, bool, dict]:
@@ -334,9 +344,11 @@ class Daemon:
     def run(self) -> int:
         self.connection.start()
         self._start_metrics()
-        log.info("faultwatch daemon: model %s (sha256 %s…), %d features, reading %s",
+        i = self.config.input
+        part = f" (the devices of partition {i.partition} of {i.partitions})" if i.partitions > 1 else ""
+        log.info("faultwatch daemon: model %s (sha256 %s…), %d features, reading %s%s",
                  self.config.model, self.model.sha256[:12], len(self.features),
-                 ", ".join(self.inbox.topics.subscriptions))
+                 ", ".join(self.inbox.topics.subscriptions), part)
         stats_every = self.config.output.stats_interval_s
         now = time.monotonic()
         next_stats, next_prune = now + (stats_every or float("inf")), now + 1.0

@@ -83,6 +83,8 @@ def render(d) -> str:
     gauge("devices_max", "engine.max_devices", d.config.engine.max_devices)
     counter("devices_evicted_total", "least recently seen devices evicted at the cap",
             engine.get("devices_evicted", 0))
+    counter("other_partition_total", "messages of devices another daemon's partition steps (acknowledged)",
+            counters.get("other_partition", 0))
     active = d.engine.detector.active
     gauge("faults_active", "devices with a fault raised now", int(np.count_nonzero(active)))
     counter("faults_raised_total", "fault events raised", engine.get("faults_raised", 0))

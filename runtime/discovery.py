@@ -9,7 +9,8 @@ retained, so Home Assistant finds them whenever it starts):
 - ``{ha}/sensor/faultwatch_{id}/anomaly_score/config``: *Anomaly score*, from
   the forecast messages (only when forecasts are published).
 
-Both are available while ``{prefix}/status`` is ``online`` (``offline`` by the
+Both are available while ``{prefix}/status`` (or the status topic of the daemon
+that owns the device, ``{prefix}/status/{partition}``) is ``online`` (``offline`` by the
 last will and ``stopped`` on a clean exit both mean unavailable), and both
 belong to one Home Assistant device per faultwatch device. ``{id}`` is the
 device id with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``,
@@ -40,11 +41,12 @@ def object_id(device: str) -> str:
 
 
 def discovery_messages(device: str, prefix: str, ha_prefix: str, scores: bool,
-                       model: str = "") -> list[tuple[str, bytes]]:
-    """(topic, retained payload) of the device's discovery configs."""
+                       model: str = "", status_topic: str = "") -> list[tuple[str, bytes]]:
+    """(topic, retained payload) of the device's discovery configs; availability follows
+    ``status_topic`` (default ``{prefix}/status``)."""
     oid = object_id(device)
     availability = {
-        "availability": [{"topic": f"{prefix}/status",
+        "availability": [{"topic": status_topic or f"{prefix}/status",
                           "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}],
         "payload_available": "online",
         "payload_not_available": "offline",

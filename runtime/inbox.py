@@ -6,6 +6,8 @@ Queued items are plain tuples (thousands a second):
 - ``(READING, device, ts, values [F], features they are ordered by, mid, qos, received)``
 - ``(CHANNEL, device, ts, value, channel name, mid, qos, received)``
 - ``(REJECT, reason, mid, qos)``: counted by the engine thread, acknowledged all the same
+- ``(OTHER, mid, qos)``: a device of another daemon's partition (``input.partitions``):
+  counted and acknowledged, not parsed
 
 ``received`` is ``time.monotonic()`` at arrival. The queue is bounded: beyond
 ``input.max_queue`` a QoS 0 reading is dropped (counted), while for QoS 1 the
@@ -25,11 +27,11 @@ import paho.mqtt.client as mqtt
 
 from .config import Config
 from .payload import PayloadError, parse_reading, parse_value
-from .topics import TopicMatcher
+from .topics import TopicMatcher, device_partition
 
 log = logging.getLogger("faultwatch")
 
-READING, CHANNEL, REJECT = 0, 1, 2
+READING, CHANNEL, REJECT, OTHER = 0, 1, 2, 3
 
 
 class Inbox:
@@ -39,6 +41,7 @@ class Inbox:
         self.features = features  # replaced (one reference) when a reload changes the model
         self.max_queue = config.input.max_queue
         self.max_bytes = config.input.max_payload_bytes
+        self.partitions, self.partition = config.input.partitions, config.input.partition
         self.command_topic = command_topic
         self.on_command = on_command
         self.items: deque[tuple] = deque()
@@ -70,6 +73,8 @@ class Inbox:
             found = self.topics.match(topic) if topic else None
             if found is None:
                 item = (REJECT, "bad_topic", mid, qos)
+            elif self.partitions > 1 and device_partition(found[0], self.partitions) != self.partition:
+                item = (OTHER, mid, qos)
             else:
                 device, channel = found
                 try:
