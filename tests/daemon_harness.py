@@ -205,27 +205,50 @@ def payload(ts: float, values: np.ndarray) -> bytes:
 
 
 class Publisher:
-    """QoS 1 publishing that survives a broker restart (paho queues and resends)."""
+    """QoS 1 publishing that survives a broker restart (paho queues and resends), in order.
+
+    paho marks a new connection usable (and lets ``publish`` send at once) before it resends
+    what the old one left unacknowledged, so a reading published in that moment overtakes
+    older ones, and the daemon drops those as out of order. So after a disconnection,
+    :meth:`send` waits until everything outstanding at that moment has been acknowledged.
+    """
 
     def __init__(self, broker) -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(200)
         self.client.reconnect_delay_set(0.2, 1)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.sent: set[int] = set()
         self.acked: set[int] = set()  # by PUBACK (info.is_published() raises for a message that
         self.client.on_publish = self._on_publish  # waited out a disconnection, though paho resent it)
+        self._resending: set[int] = set()  # unacknowledged at the last disconnection
+        self._disconnects = 0
+        self.client.on_disconnect = self._on_disconnect
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             self.acked.add(mid)
+            self._resending.discard(mid)
+            self._lock.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            self._disconnects += 1
+            self._resending = self.sent - self.acked
 
     def send(self, topic: str, body: bytes, qos: int = 1) -> None:
+        with self._lock:
+            if not self._lock.wait_for(lambda: not self._resending, timeout=120):
+                raise AssertionError(f"{len(self._resending)} publishes not resent after a reconnection")
+            disconnects = self._disconnects
+        # Not under the lock: paho calls on_publish holding its own lock, which publish takes too.
         info = self.client.publish(topic, body, qos=qos)
         with self._lock:
             self.sent.add(info.mid)
+            if self._disconnects != disconnects and info.mid not in self.acked:
+                self._resending.add(info.mid)  # went out (or waits) across that disconnection
 
     def wait(self, timeout: float = 60.0) -> None:
         def missing() -> int:

@@ -191,7 +191,8 @@ def test_broker_stopped_and_restarted_mid_stream_loses_nothing(broker, trained, 
         publisher.wait(timeout=120)  # paho kept and resent what the dead broker never acknowledged
         wanted = {(d, ts) for d, ts, _ in rows}
         wait_for(lambda: wanted <= answered(recorder.messages()), timeout=120,
-                 message=lambda: f"{len(wanted - answered(recorder.messages()))} unanswered:\n{daemon.log()}")
+                 message=lambda: f"unanswered: {sorted(wanted - answered(recorder.messages()))[:20]}\n"
+                                 f"{daemon.log()}")
         assert daemon.alive()
         assert daemon.terminate() == 0
         publisher.close()
