@@ -54,6 +54,9 @@ class InputConfig:
     # `partition` (0-based; by a hash of the device id) and acknowledges the others unread.
     partitions: int = 1
     partition: int = 0
+    # After resuming a session (readings held for us at the broker), readings arriving within this
+    # long are stepped in time order: a broker may resend older ones after newer ones.
+    reorder_window_s: float = 1.0
 
 
 @dataclass
@@ -146,6 +149,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "output.stats_interval_s": (0, 86_400),
     "output.outbox_max": (0, 10_000_000),
     "output.fault_journal_max": (1, 10_000_000),
+    "input.reorder_window_s": (0, 60),
     "input.partitions": (1, 1024),
     "input.partition": (0, 1023),
     "engine.max_devices": (1, 1_000_000),

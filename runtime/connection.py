@@ -61,6 +61,7 @@ class Connection:
         self._subscribe_mid = -1  # the SUBACK that announces `online`
         self.counters: Counter = Counter()  # counted on the network thread only
         self.error = ""  # why the last connection attempt failed: "refused: ...", "unreachable"
+        self.resumed_at = -float("inf")  # time.monotonic() of the last connect to a present session
         self.connected = threading.Event()
         self.stopping = False
         self._last_fail_log = 0.0
@@ -120,6 +121,8 @@ class Connection:
             return
         self.counters["connects"] += 1
         self.error = ""
+        if flags.session_present:
+            self.resumed_at = time.monotonic()
         self.connected.set()
         log.info("connected to %s:%d (session present: %s)", b.host, b.port, flags.session_present)
         # `online` waits for the SUBACK (_on_subscribe): a publisher that starts sending when it

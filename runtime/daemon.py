@@ -57,6 +57,28 @@ def engine_settings(config: Config) -> EngineSettings:
     )
 
 
+def in_time_order(readings: list[Reading], received: list[float]) -> tuple[list[Reading], list[float]]:
+    """Each device's readings of one batch in time order, ``received`` (arrival times) alike.
+
+    The engine drops a reading older than one already stepped for its device, so an older
+    reading resent after a newer one (as a broker may when a session resumes) would be lost.
+    Sorting is stable: equal timestamps keep their order (the second is a duplicate).
+
+    >>> r = [Reading("a", 2.0, None), Reading("b", 1.0, None), Reading("a", 1.0, None)]
+    >>> [(x.device, x.ts) for x in in_time_order(r, [0.0, 0.1, 0.2])[0]]
+    [('b', 1.0), ('a', 1.0), ('a', 2.0)]
+    """
+    last: dict[str, float] = {}
+    for r in readings:
+        if r.ts < last.get(r.device, -np.inf):
+            break
+        last[r.device] = r.ts
+    else:
+        return readings, received  # the usual case: nothing to do
+    order = sorted(range(len(readings)), key=lambda i: readings[i].ts)
+    return [readings[i] for i in order], [received[i] for i in order]
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
@@ -146,7 +168,12 @@ class Daemon:
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
         e = self.config.engine
-        return self.inbox.take(e.max_batch, e.max_latency_ms / 1000.0, timeout)
+        return self.inbox.take(e.max_batch, e.max_latency_ms / 1000.0, timeout, self._settled_at)
+
+    def _settled_at(self) -> float:
+        """Just after resuming a session the broker sends what it held, and may send a newer reading
+        before an older one it resends: until then, readings gather into one batch (stepped in order)."""
+        return self.connection.resumed_at + self.config.input.reorder_window_s
 
     def _remap(self, values: np.ndarray, features: tuple[str, ...]) -> np.ndarray:
         """A reading parsed for the previous model, in this model's feature order."""
@@ -198,9 +225,9 @@ class Daemon:
                     acks.append(mid)
         for frame in frames.expire(time.monotonic()):
             add_frame(frame)
-        self._process(readings, acks, received)
+        self._process(*in_time_order(readings, received), acks)
 
-    def _process(self, readings: list[Reading], acks: list[int], received: list[float]) -> None:
+    def _process(self, readings: list[Reading], received: list[float], acks: list[int]) -> None:
         outputs = [out for out in (self.engine.process(readings) if readings else []) if out is not None]
         self.counters["dropped_out_of_order"] += len(readings) - len(outputs)  # duplicates, or older
         out_cfg = self.config.output
@@ -283,8 +310,9 @@ class Daemon:
         # Samples being assembled are in the old model's channels: finish them with it.
         closed = self.frames.flush()
         if closed:
-            self._process([Reading(f.device, f.ts, f.values) for f in closed],
-                          [mid for f in closed for mid, qos in f.acks if qos], [f.opened for f in closed])
+            self._process(*in_time_order([Reading(f.device, f.ts, f.values) for f in closed],
+                                         [f.opened for f in closed]),
+                          [mid for f in closed for mid, qos in f.acks if qos])
         kept = self.engine.swap_model(self._timed(model))
         old, self.model = self.model, model
         self._adopt_contract()

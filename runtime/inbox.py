@@ -107,14 +107,18 @@ class Inbox:
 
     # -- engine thread ---------------------------------------------------------------------
 
-    def take(self, limit: int, max_latency_s: float, timeout: float) -> list[tuple]:
+    def take(self, limit: int, max_latency_s: float, timeout: float,
+             hold_until: Callable[[], float] | None = None) -> list[tuple]:
         """Up to ``limit`` items: waits up to ``timeout`` for a first one, then up to
-        ``max_latency_s`` for the batch to fill."""
+        ``max_latency_s`` for the batch to fill, or until ``hold_until()`` (a time.monotonic()
+        value, asked once the first item is there) if that is later."""
         if not self.items:
             self.wakeup.wait(timeout)
         self.wakeup.clear()  # before taking: an item added from now on sets it again
         batch: list[tuple] = []
         end = time.monotonic() + max_latency_s
+        if hold_until is not None and self.items:
+            end = max(end, hold_until())
         while True:
             while self.items and len(batch) < limit:
                 batch.append(self.items.popleft())

@@ -236,3 +236,62 @@ def test_a_restart_recognises_readings_it_already_processed(broker, trained, tmp
     for device, body in forecasts(recorder.messages()[count:]):
         if device != "probe":
             assert body == whole[(device, body["ts"])]
+
+
+def test_readings_held_at_the_broker_are_stepped_in_time_order_whatever_order_they_came_in(
+        broker, trained, tmp_path):
+    # A broker resuming a session may send a newer reading before an older one it resends (seen
+    # with Mosquitto 2.0 after its own restart); here the device itself published out of order
+    # while the daemon was away. Either way the daemon gets them in one burst when it returns.
+    data = simulate(devices=1, steps=12, seed=33)
+    rows = [("late-pump", ts, values) for _, ts, values in readings_of(data)]
+    shuffled = [rows[i] for i in (9, 4, 0, 11, 7, 1, 2, 10, 3, 8, 5, 6)]
+    config = _config(tmp_path, "fw-reorder", engine={"max_batch": 64}, input={"reorder_window_s": 3.0})
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast"]) as recorder:
+        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
+        _serve(daemon, broker, recorder)
+        assert daemon.terminate() == 0  # its session, with the subscription, stays at the broker
+        publisher = Publisher(broker)
+        for device, ts, values in shuffled:
+            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.wait()
+        daemon.start()
+        wanted = {(d, ts) for d, ts, _ in rows}
+        wait_for(lambda: wanted <= answered(recorder.messages()), timeout=60,
+                 message=lambda: f"unanswered: {sorted(wanted - answered(recorder.messages()))}\n"
+                                 f"{daemon.log()}")
+        got = [(d, body) for d, body in forecasts(recorder.messages()) if d == "late-pump"]
+        assert [body["ts"] for _, body in got] == [ts for _, ts, _ in rows]  # stepped in time order
+        engine = Engine(StepModel(trained.int8), _settings(config))
+        want = expected_messages(engine.process(as_readings(rows)), engine.contract.targets, engine.threshold)
+        assert all(body == want[(d, body["ts"])] for d, body in got)
+        assert daemon.terminate() == 0
+        publisher.close()
+
+
+def test_right_after_a_resume_a_newer_reading_waits_for_an_older_one_resent_after_it(
+        broker, trained, tmp_path):
+    # The broker's race after a restart, played by hand: the newer reading reaches the daemon
+    # first, the older one only once the daemon has it; both come within the reorder window.
+    data = simulate(devices=1, steps=2, seed=34)
+    (older, newer) = [("resumed-pump", ts, values) for _, ts, values in readings_of(data)]
+    config = _config(tmp_path, "fw-resume", engine={"max_batch": 64}, input={"reorder_window_s": 10.0},
+                     metrics={"listen": "127.0.0.1:0"})
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast"]) as recorder:
+        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
+        _serve(daemon, broker, recorder)
+        assert daemon.terminate() == 0
+        daemon.start()
+        wait_for(lambda: "session present: True" in daemon.log(), timeout=60, message=daemon.log)
+        received = daemon.metric("faultwatch_readings_received_total")
+        publisher = Publisher(broker)
+        publisher.send("sensors/resumed-pump", payload(newer[1], newer[2]))
+        wait_for(lambda: daemon.metric("faultwatch_readings_received_total") > received, timeout=30,
+                 message=daemon.log)
+        publisher.send("sensors/resumed-pump", payload(older[1], older[2]))
+        wait_for(lambda: len([d for d, _ in forecasts(recorder.messages()) if d == "resumed-pump"]) == 2,
+                 timeout=60, message=daemon.log)
+        got = [body for d, body in forecasts(recorder.messages()) if d == "resumed-pump"]
+        assert [body["ts"] for body in got] == [older[1], newer[1]]
+        assert daemon.terminate() == 0
+        publisher.close()
