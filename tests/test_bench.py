@@ -37,6 +37,11 @@ def test_step_times_per_mode_and_batch(bench):
             assert _positive(bench["step_us"][mode][batch]), (mode, batch)
 
 
+def test_whole_engine_step_per_batch(bench):
+    assert set(bench["engine_us"]) == {"1", "64", "1024"}
+    assert all(_positive(v) for v in bench["engine_us"].values())
+
+
 def test_floor(bench):
     floor = bench["floor"]
     assert floor["flops_per_step"] > 0
