@@ -225,9 +225,10 @@ class Daemon:
                     acks.append(mid)
         for frame in frames.expire(time.monotonic()):
             add_frame(frame)
-        self._process(*in_time_order(readings, received), acks)
+        self._process(readings, acks, received)
 
-    def _process(self, readings: list[Reading], received: list[float], acks: list[int]) -> None:
+    def _process(self, readings: list[Reading], acks: list[int], received: list[float]) -> None:
+        readings, received = in_time_order(readings, received)
         outputs = [out for out in (self.engine.process(readings) if readings else []) if out is not None]
         self.counters["dropped_out_of_order"] += len(readings) - len(outputs)  # duplicates, or older
         out_cfg = self.config.output
@@ -310,9 +311,8 @@ class Daemon:
         # Samples being assembled are in the old model's channels: finish them with it.
         closed = self.frames.flush()
         if closed:
-            self._process(*in_time_order([Reading(f.device, f.ts, f.values) for f in closed],
-                                         [f.opened for f in closed]),
-                          [mid for f in closed for mid, qos in f.acks if qos])
+            self._process([Reading(f.device, f.ts, f.values) for f in closed],
+                          [mid for f in closed for mid, qos in f.acks if qos], [f.opened for f in closed])
         kept = self.engine.swap_model(self._timed(model))
         old, self.model = self.model, model
         self._adopt_contract()

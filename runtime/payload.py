@@ -40,9 +40,9 @@ MAX_ABS_VALUE = 1e12  # beyond any physical sensor; larger is a bad payload, not
 MAX_DEPTH = 32  # JSON nesting; a reading is one flat object
 
 #: Every reason a reading can be rejected for, as counted (a fixed set: bounded metric labels).
+REASONS = ("too_large", "not_utf8", "not_json", "not_object", "bad_value", "bad_ts", "no_channels")
 #: The daemon's counter (stats topic) for a message rejected for ``reason``: rejected_not_json, ...
 REJECTED = "rejected_"
-REASONS = ("too_large", "not_utf8", "not_json", "not_object", "bad_value", "bad_ts", "no_channels")
 
 
 class PayloadError(ValueError):

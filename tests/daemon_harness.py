@@ -135,12 +135,13 @@ def wait_answering(daemon: Daemon, broker, recorder) -> None:
     def probe() -> bool:
         if any(d == "probe" for d, _ in forecasts(recorder.messages())):
             return True
+        assert daemon.alive(), daemon.log()
         n[0] += 1
         publisher.send("sensors/probe", payload(1_500_000_000.0 + n[0], np.ones(len(CHANNELS))))
         return False
 
     try:
-        wait_for(probe, timeout=60, interval=0.3, message=daemon.log)
+        wait_for(probe, timeout=90, interval=0.3, message=lambda: f"daemon not answering:\n{daemon.log()}")
     finally:
         publisher.close()
 

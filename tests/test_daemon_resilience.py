@@ -26,12 +26,13 @@ from daemon_harness import (
     kill_daemons_at_teardown,  # noqa: F401 (the fixture, for this module)
     payload,
     readings_of,
+    wait_answering,
 )
 from faultwatch.runtime.config import parse_config
 from faultwatch.runtime.daemon import engine_settings
 from faultwatch.runtime.engine import Engine
 from faultwatch.runtime.model import StepModel
-from faultwatch.runtime.simulator import CHANNELS, simulate
+from faultwatch.runtime.simulator import simulate
 from helpers import MqttRecorder, wait_for
 
 pytestmark = pytest.mark.integration
@@ -59,25 +60,6 @@ def _settings(config: dict):
     return engine_settings(parse_config(toml(config)))
 
 
-def _serve(daemon: Daemon, broker, recorder) -> None:
-    """Wait until the daemon answers: its persistent session and subscription exist."""
-    sent = [0]
-    publisher = Publisher(broker)
-
-    def probe() -> bool:
-        if any(d == "probe" for d, _ in forecasts(recorder.messages())):
-            return True
-        assert daemon.alive(), daemon.log()
-        sent[0] += 1
-        publisher.send("sensors/probe", payload(1_500_000_000.0 + sent[0], np.ones(len(CHANNELS))))
-        return False
-
-    try:
-        wait_for(probe, timeout=90, interval=0.3, message=lambda: f"daemon not answering:\n{daemon.log()}")
-    finally:
-        publisher.close()
-
-
 def _stream(broker, rows, rate: float) -> tuple[threading.Thread, Publisher]:
     """Publish ``rows`` at QoS 1 from a thread, ``rate`` readings a second."""
     publisher = Publisher(broker)
@@ -102,7 +84,7 @@ def test_sigkill_mid_stream_loses_nothing_and_resumes_from_the_snapshot(broker, 
     state_file = tmp_path / "state" / "state.npz"
     with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast", "faultwatch/status"]) as recorder:
         first = Daemon(trained.int8, broker, tmp_path, "first", config)
-        _serve(first, broker, recorder)
+        wait_answering(first, broker, recorder)
         stream, publisher = _stream(broker, rows, rate=150)
 
         def data_answered() -> int:
@@ -181,7 +163,7 @@ def test_broker_stopped_and_restarted_mid_stream_loses_nothing(broker, trained, 
     config = _config(tmp_path, "fw-broker-restart", engine={"max_batch": 64})
     with PersistentRecorder(broker, ["faultwatch/#"], client_id="recorder-restart") as recorder:
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
-        _serve(daemon, broker, recorder)
+        wait_answering(daemon, broker, recorder)
         stream, publisher = _stream(broker, rows, rate=120)
         wait_for(lambda: len(answered(recorder.messages())) >= 100, timeout=60, message=daemon.log)
         broker.stop()  # SIGTERM: Mosquitto saves sessions, retained and queued messages
@@ -210,7 +192,7 @@ def test_a_restart_recognises_readings_it_already_processed(broker, trained, tmp
     config = _config(tmp_path, "fw-dupes", output={"stats_interval_s": 0.2})
     with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
         first = Daemon(trained.int8, broker, tmp_path, "first", config)
-        _serve(first, broker, recorder)
+        wait_answering(first, broker, recorder)
         publisher = Publisher(broker)
         for device, ts, values in rows[:60]:
             publisher.send(f"sensors/{device}", payload(ts, values))
@@ -247,9 +229,9 @@ def test_readings_held_at_the_broker_are_stepped_in_time_order_whatever_order_th
     rows = [("late-pump", ts, values) for _, ts, values in readings_of(data)]
     shuffled = [rows[i] for i in (9, 4, 0, 11, 7, 1, 2, 10, 3, 8, 5, 6)]
     config = _config(tmp_path, "fw-reorder", engine={"max_batch": 64}, input={"reorder_window_s": 3.0})
-    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast"]) as recorder:
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast", "faultwatch/status"]) as recorder:
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
-        _serve(daemon, broker, recorder)
+        wait_answering(daemon, broker, recorder)
         assert daemon.terminate() == 0  # its session, with the subscription, stays at the broker
         publisher = Publisher(broker)
         for device, ts, values in shuffled:
@@ -277,9 +259,9 @@ def test_right_after_a_resume_a_newer_reading_waits_for_an_older_one_resent_afte
     (older, newer) = [("resumed-pump", ts, values) for _, ts, values in readings_of(data)]
     config = _config(tmp_path, "fw-resume", engine={"max_batch": 64}, input={"reorder_window_s": 10.0},
                      metrics={"listen": "127.0.0.1:0"})
-    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast"]) as recorder:
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/+/forecast", "faultwatch/status"]) as recorder:
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
-        _serve(daemon, broker, recorder)
+        wait_answering(daemon, broker, recorder)
         assert daemon.terminate() == 0
         daemon.start()
         wait_for(lambda: "session present: True" in daemon.log(), timeout=60, message=daemon.log)
