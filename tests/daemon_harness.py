@@ -251,6 +251,11 @@ class Publisher:
             if self._disconnects != disconnects and info.mid not in self.acked:
                 self._resending.add(info.mid)  # went out (or waits) across that disconnection
 
+    def send_readings(self, rows: list[tuple[str, float, np.ndarray]]) -> None:
+        """Each (device, ts, values) of ``rows`` (as :func:`readings_of` makes them) to sensors/{device}."""
+        for device, ts, values in rows:
+            self.send(f"sensors/{device}", payload(ts, values))
+
     def wait(self, timeout: float = 60.0) -> None:
         def missing() -> int:
             with self._lock:

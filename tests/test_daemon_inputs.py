@@ -227,8 +227,7 @@ def test_home_assistant_discovery_metrics_and_health(broker, trained, tmp_path):
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
         wait_answering(daemon, broker, recorder)
         publisher = Publisher(broker)
-        for device, ts, values in readings_of(data):
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(readings_of(data))
         publisher.wait()
         wait_for(lambda: len(answered(recorder.messages())) >= 10, timeout=30, message=daemon.log)
         configs = recorder.messages("ha/#")
@@ -309,8 +308,7 @@ def test_forecast_every_nth_reading(broker, trained, tmp_path):
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
         wait_answering(daemon, broker, recorder)
         publisher = Publisher(broker)
-        for device, ts, values in readings_of(data):
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(readings_of(data))
         publisher.wait()
         wait_for(lambda: daemon.metric("faultwatch_readings_processed_total") >= 15, timeout=30,
                  message=daemon.log)

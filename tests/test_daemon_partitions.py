@@ -20,7 +20,6 @@ from daemon_harness import (
     expected_messages,
     forecasts,
     kill_daemons_at_teardown,  # noqa: F401 (the fixture, for this module)
-    payload,
     readings_of,
 )
 from faultwatch.runtime.engine import Engine, EngineSettings
@@ -68,8 +67,7 @@ def test_each_device_is_stepped_once_by_the_daemon_of_its_partition(broker, trai
         wait_for(online, timeout=90, message=lambda: "\n".join(d.log() for d in daemons))
         assert not recorder.messages("faultwatch/status")  # no shared status topic to fight over
         publisher = Publisher(broker)
-        for device, ts, values in rows:
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(rows)
         publisher.wait()
         wanted = {(d, ts) for d, ts, _ in rows}
         wait_for(lambda: wanted <= answered(recorder.messages()), timeout=90,

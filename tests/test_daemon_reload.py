@@ -61,8 +61,7 @@ def test_hot_reload_matching_corrupt_and_mismatching(broker, trained, tmp_path):
 
         def run_phase(phase) -> None:
             before = len(forecasts(recorder.messages()))
-            for device, ts, values in phase:
-                publisher.send(f"sensors/{device}", payload(ts, values))
+            publisher.send_readings(phase)
             publisher.wait()
             wait_for(lambda: len(forecasts(recorder.messages())) >= before + len(phase), timeout=60,
                      message=daemon.log)

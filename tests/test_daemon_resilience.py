@@ -194,15 +194,13 @@ def test_a_restart_recognises_readings_it_already_processed(broker, trained, tmp
         first = Daemon(trained.int8, broker, tmp_path, "first", config)
         wait_answering(first, broker, recorder)
         publisher = Publisher(broker)
-        for device, ts, values in rows[:60]:
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(rows[:60])
         wait_for(lambda: len(answered(recorder.messages())) >= 61, timeout=60, message=first.log)
         assert first.terminate() == 0  # SIGTERM: the state snapshot is written
         count = len(recorder.messages())
 
         second = Daemon(trained.int8, broker, tmp_path, "second", config)
-        for device, ts, values in rows[50:]:  # ten it has seen, then new ones
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(rows[50:])  # ten it has seen, then new ones
         publisher.wait()
         wanted = {(d, ts) for d, ts, _ in rows}
         wait_for(lambda: wanted <= answered(recorder.messages()), timeout=60, message=second.log)
@@ -234,8 +232,7 @@ def test_readings_held_at_the_broker_are_stepped_in_time_order_whatever_order_th
         wait_answering(daemon, broker, recorder)
         assert daemon.terminate() == 0  # its session, with the subscription, stays at the broker
         publisher = Publisher(broker)
-        for device, ts, values in shuffled:
-            publisher.send(f"sensors/{device}", payload(ts, values))
+        publisher.send_readings(shuffled)
         publisher.wait()
         daemon.start()
         wanted = {(d, ts) for d, ts, _ in rows}
