@@ -231,7 +231,7 @@ def prepare_models(options: BenchOptions, counts: Counts, workdir: Path) -> Mode
     train_seconds = time.monotonic() - started
     paths, reports = {}, {}
     for mode, quantize in EXPORTS.items():
-        paths[mode] = workdir / f"model-{quantize.replace('none', 'fp32')}.onnx"
+        paths[mode] = workdir / f"model-{_label(mode)}.onnx"
         say(f"exporting {paths[mode].name}")
         reports[mode] = export_model(Path(run_dir), paths[mode], ExportOptions(quantize=quantize))
     model, payload, _ = load_checkpoint(run_dir)
