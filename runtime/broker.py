@@ -122,7 +122,6 @@ class MosquittoBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._ever_started = False
-        self._write_config()
 
     @property
     def address(self) -> str:
@@ -200,7 +199,7 @@ class MosquittoBroker:
         """
         if self.running:
             raise BrokerError(f"mosquitto already running on {self.address}")
-        self._write_config()  # the secure listener's passwords may have changed
+        self._write_config()  # on every start: the secure listener's passwords may have changed
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
