@@ -2,7 +2,8 @@
 #
 #   make venv        .venv with torch (CPU) + faultwatch[train,dev,baselines], editable
 #   make mosquitto   make sure the Mosquitto binary is installed (never started as a service)
-#   make lint        ruff
+#   make lint        ruff and mypy
+#   make unit        the fast tests: no broker, no torch training (under a minute)
 #   make test        lint, then unit/integration tests and the doctests of runtime/
 #   make demo        faultwatch demo
 #   make clean       caches and build output;  make distclean  also removes .venv
@@ -34,7 +35,7 @@ APT = if [ "$$(id -u)" -eq 0 ]; then sudo=; \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$pkgs
 
-.PHONY: venv mosquitto lint test demo clean distclean
+.PHONY: venv mosquitto lint mypy unit test demo clean distclean
 
 venv: $(STAMP)
 
@@ -75,11 +76,21 @@ mosquitto:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# pyproject's [tool.mypy] reads the packages through .mypy-root/faultwatch/* (links to the folders).
+mypy: $(STAMP)
+	@mkdir -p .mypy-root/faultwatch
+	@for d in runtime train export bench; do ln -sfn ../../$$d .mypy-root/faultwatch/$$d; done
+	$(VENV)/bin/mypy
+
+# Tests marked neither `broker` nor `torch` (tests/conftest.py marks them from their fixtures).
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not broker and not torch" tests $(PYTEST_ARGS)
+
 # Doctests: `--doctest-modules runtime tests` in ONE pytest run (one closing line).
 # The folder runtime/ is the package faultwatch.runtime (pyproject package-dir), but
 # pytest names collected files after their folder (`runtime.payload`) in every
 # --import-mode, which would import a second copy of each module (wrong class
-# identities: a doctest expecting faultwatch.runtime.payload.PayloadError fails).
+# identities: a doctest expecting faultwatch.runtime.daemon.payload.PayloadError fails).
 # tests/conftest.py installs an import hook that maps `runtime.*` to the installed
 # `faultwatch.runtime.*`, so `tests` must be on the same command line (pytest loads
 # tests/conftest.py before collecting) and the default --import-mode=prepend must stay
@@ -91,7 +102,7 @@ demo: $(STAMP) mosquitto
 	$(VENV)/bin/faultwatch demo $(DEMO_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache demo-run
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .mypy-root demo-run
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -23,13 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from faultwatch.runtime.calibration import calibrate, held_out_residuals, streamed_forecasts
-from faultwatch.runtime.contract import READINGS, Calibration, ModelContract
-from faultwatch.runtime.model import StepModel
-from faultwatch.runtime.version import VERSION
-from faultwatch.train.checkpoint import load_checkpoint
-
-from .onnx_graph import (
+from faultwatch.export.onnx_graph import (
     OPSET,
     ExportError,
     op_types,
@@ -39,6 +33,11 @@ from .onnx_graph import (
     to_onnx,
     with_contract,
 )
+from faultwatch.runtime.engine.calibration import calibrate, held_out_residuals, streamed_forecasts
+from faultwatch.runtime.engine.contract import READINGS, Calibration, ModelContract
+from faultwatch.runtime.engine.model import StepModel
+from faultwatch.runtime.version import VERSION
+from faultwatch.train.checkpoint import load_checkpoint
 
 MODES = ("none", "int8", "int8-static", "fp16")
 #: Streamed forecasts may differ from torch fp32 by at most this much, in scaled units

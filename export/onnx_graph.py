@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from faultwatch.runtime import contract as C
+from faultwatch.runtime.engine import contract as C
 from faultwatch.train.model import Forecaster
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn

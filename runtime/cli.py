@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .version import VERSION
+from faultwatch.runtime.version import VERSION
 
 TRAIN_HINT = "this command needs torch: pip install 'faultwatch[train]'"
 
@@ -45,7 +45,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def cmd_simulate(args) -> int:
-    from .simulator import parse_fault, simulate, write_csv
+    from faultwatch.runtime.devtools.simulator import parse_fault, simulate, write_csv
 
     try:
         faults = [parse_fault(spec) for spec in args.fault]
@@ -54,7 +54,7 @@ def cmd_simulate(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.mqtt:
-        from .sim_publish import publish
+        from faultwatch.runtime.devtools.sim_publish import publish
 
         host, port = args.mqtt
         sent = publish(data, host, port, rate=args.rate, topic=args.topic, qos=args.qos)
@@ -129,7 +129,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .describe import describe, render
+    from faultwatch.runtime.offline.describe import describe, render
 
     info = describe(Path(args.model))
     print(json.dumps(info, indent=2) if args.json else render(info))
@@ -137,7 +137,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from .replay import replay_csv
+    from faultwatch.runtime.offline.replay import replay_csv
 
     summary = replay_csv(Path(args.model), Path(args.data), Path(args.out))
     print(f"replayed {summary['readings']} readings of {summary['devices']} device(s) → {args.out}: "
@@ -151,7 +151,7 @@ def cmd_replay(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import example_config, load_config
+    from faultwatch.runtime.daemon.config import example_config, load_config
 
     if args.example_config:
         print(example_config(), end="")
@@ -162,27 +162,27 @@ def cmd_run(args) -> int:
         args.config = args.check_config
     config = load_config(args.config, args)
     if args.check_config:
-        from .model import StepModel
+        from faultwatch.runtime.engine.model import StepModel
 
         model = StepModel(config.model, threads=config.engine.threads)  # loads and warms up, or says why not
         print(f"{args.config or 'defaults'}: ok; model {config.model} ({len(model.contract.features)} "
               f"features, sha256 {model.sha256[:12]}…), reading {', '.join(config.topics)} from "
               f"{config.broker.host}:{config.broker.port}")
         return 0
-    from .daemon import run_daemon
+    from faultwatch.runtime.daemon.daemon import run_daemon
 
     return run_daemon(config)
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from faultwatch.bench.demo import run_demo
 
     return run_demo(Path(args.workdir) if args.workdir else None, seed=args.seed)
 
 
 def cmd_eval(args) -> int:
-    from .benchfile import EvalOptions
-    from .evaluate import run_nab, run_skab
+    from faultwatch.bench.eval_file import EvalOptions
+    from faultwatch.bench.evaluate import run_nab, run_skab
 
     spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs), ("score_span", args.span),
                               ("quantile", args.quantile), ("factor", args.factor)) if v is not None}
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from faultwatch.export import bench
+    from faultwatch.bench import speed as bench
 
     options = bench.BenchOptions(quick=args.quick, run_dir=Path(args.run_dir) if args.run_dir else None,
                                  hidden=args.hidden, dense=args.dense, daemon=not args.no_daemon,
@@ -373,15 +373,15 @@ def cmd_bench(args) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the input is wrong', not 'faultwatch is broken'."""
-    from .contract import ContractError
-    from .csvdata import CsvError
-    from .model import ModelError
+    from faultwatch.runtime.engine.contract import ContractError
+    from faultwatch.runtime.engine.model import ModelError
+    from faultwatch.runtime.offline.csvdata import CsvError
 
     errors: list[type[BaseException]] = [UserError, OSError, ContractError, CsvError, ModelError]
-    for module, name in (("faultwatch.runtime.config", "ConfigError"),
+    for module, name in (("faultwatch.runtime.daemon.config", "ConfigError"),
                          ("faultwatch.train.checkpoint", "CheckpointError"),
                          ("faultwatch.export.onnx_graph", "ExportError"),
-                         ("faultwatch.runtime.evaluate", "EvalError")):
+                         ("faultwatch.bench.evaluate", "EvalError")):
         mod = sys.modules.get(module)  # only what the handler already imported: never pull in torch
         if mod is not None:
             errors.append(getattr(mod, name))

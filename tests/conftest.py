@@ -1,9 +1,14 @@
-"""Shared fixtures: a real Mosquitto broker per test, and the package-dir import alias.
+"""Shared fixtures: a real Mosquitto broker per test, the package-dir import alias, and marks.
+
+Marks (``make unit`` runs what has neither): ``broker`` for every test that uses the
+``broker``/``broker_factory`` fixtures, ``torch`` for every test that uses a trained-model
+fixture (or whose module says ``pytestmark = pytest.mark.torch``). They are given here
+from the fixtures a test asks for, so a new test cannot forget them.
 
 ``broker``          a Mosquitto on a free loopback port, stopped at teardown.
 ``broker_factory``  ``broker_factory()`` starts another one (several per test are fine).
 
-Each broker is a :class:`faultwatch.runtime.broker.MosquittoBroker` (the launcher
+Each broker is a :class:`faultwatch.runtime.devtools.broker.MosquittoBroker` (the launcher
 ``faultwatch demo`` uses too) with ``.host``, ``.port``, ``.address``
 (``"127.0.0.1:PORT"``), ``.stop()``, ``.start()``, ``.restart()``, ``.kill()``,
 ``.running`` and ``.log_text()``. Persistence is on (in the test's tmp dir), so
@@ -22,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faultwatch.runtime.broker import BrokerError, BrokerUnavailable, MosquittoBroker, find_mosquitto
+from faultwatch.runtime.devtools.broker import BrokerError, BrokerUnavailable, MosquittoBroker, find_mosquitto
 
 # Trained-model fixtures (tiny models, trained once per session) live in their own module.
 pytest_plugins = ["model_fixtures"]
@@ -33,7 +38,7 @@ pytest_plugins = ["model_fixtures"]
 # pyproject maps the folders runtime/, train/, export/ to the packages
 # faultwatch.runtime, .train, .export. pytest names a collected file after its folder
 # (`runtime.engine`) in every --import-mode, which would load a second copy of the
-# module beside the installed `faultwatch.runtime.engine` (other class identities,
+# module beside the installed `faultwatch.runtime.engine.engine` (other class identities,
 # other module state, relative imports pulling more copies). This finder, first on
 # sys.meta_path, answers for those folder names with the installed module itself, so
 # doctests run in the real `faultwatch.runtime.*` modules. It is installed when this
@@ -45,6 +50,7 @@ _PACKAGE_DIRS = {
     "runtime": "faultwatch.runtime",
     "train": "faultwatch.train",
     "export": "faultwatch.export",
+    "bench": "faultwatch.bench",
 }
 
 
@@ -84,7 +90,7 @@ if not any(isinstance(f, _PackageDirAlias) for f in sys.meta_path):
 
 
 # --------------------------------------------------------------------------------------
-# Mosquitto: the launcher is faultwatch.runtime.broker, shared with `faultwatch demo`.
+# Mosquitto: the launcher is faultwatch.runtime.devtools.broker, shared with `faultwatch demo`.
 # --------------------------------------------------------------------------------------
 
 
@@ -117,3 +123,22 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[[], MosquittoBroker]]:
 def broker(broker_factory: Callable[[], MosquittoBroker]) -> MosquittoBroker:
     """A real Mosquitto on a free loopback port, fresh for each test."""
     return broker_factory()
+
+
+# --------------------------------------------------------------------------------------
+# Marks from fixtures: what a test needs decides whether `make unit` runs it.
+# --------------------------------------------------------------------------------------
+
+BROKER_FIXTURES = frozenset({"broker", "broker_factory"})
+#: The session fixtures of model_fixtures.py: each trains (torch) and exports a model.
+TORCH_FIXTURES = frozenset({"trained", "train_data", "train_csv", "run_dir", "fp32_model", "int8_model",
+                            "export_reports", "torch_one_thread"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & BROKER_FIXTURES:
+            item.add_marker(pytest.mark.broker)
+        if needs & TORCH_FIXTURES:
+            item.add_marker(pytest.mark.torch)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from faultwatch.runtime.engine import Output, Reading
-from faultwatch.runtime.payload import ForecastEncoder, encode_reading
-from faultwatch.runtime.simulator import CHANNELS, SimData
+from faultwatch.runtime.daemon.payload import ForecastEncoder, encode_reading
+from faultwatch.runtime.devtools.simulator import CHANNELS, SimData
+from faultwatch.runtime.engine.engine import Output, Reading
 from helpers import Received, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -283,7 +283,7 @@ def as_readings(rows: list[tuple[str, float, np.ndarray]]) -> list[Reading]:
 def renamed_feature_model(src: Path, dst: Path) -> Path:
     """The same graph with another contract: one feature renamed in the metadata."""
     import onnx
-    from faultwatch.runtime.contract import METADATA_KEY
+    from faultwatch.runtime.engine.contract import METADATA_KEY
 
     model = onnx.load(str(src))
     for prop in model.metadata_props:

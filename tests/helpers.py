@@ -1,7 +1,7 @@
 """Small helpers shared by the tests: polling instead of sleeping, and an MQTT recorder.
 
-Import them as ``from helpers import wait_for, MqttRecorder`` (``tests/`` has no
-``__init__.py``, so pytest puts it on ``sys.path``).
+Import them as ``from helpers import wait_for, MqttRecorder`` (pyproject's pytest
+``pythonpath = ["tests"]`` puts this folder on ``sys.path`` for every test below it).
 """
 
 from __future__ import annotations
@@ -9,11 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import paho.mqtt.client as mqtt
 
 T = TypeVar("T")
+
+#: ``../shared/data`` beside the checkout: real recordings tests read when present.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def wait_for(

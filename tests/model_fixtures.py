@@ -6,7 +6,7 @@ as fp32 (``--quantize none``) and as int8 (onnxruntime dynamic quantization), ea
 calibrated and parity-checked by export itself.
 
 ``trained``         :class:`TrainedModels`: every path and report below in one object
-``train_data``      the simulated :class:`~faultwatch.runtime.simulator.SimData` (clean, no faults)
+``train_data``      the simulated :class:`~faultwatch.runtime.devtools.simulator.SimData` (clean, no faults)
 ``train_csv``       its CSV
 ``run_dir``         the training run (``checkpoint.pt``, ``report.json``)
 ``fp32_model``      ``model-fp32.onnx`` (quantization ``none``)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from faultwatch.runtime.simulator import SimData, simulate, write_csv
+from faultwatch.runtime.devtools.simulator import SimData, simulate, write_csv
 
 TRAIN_DEVICES = 2
 TRAIN_STEPS = 1500

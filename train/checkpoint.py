@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from faultwatch.runtime.contract import Scaler
-
-from .data import Prepared, Series
-from .fit import TrainConfig, TrainResult
-from .model import Forecaster, ForecasterConfig
+from faultwatch.runtime.engine.contract import Scaler
+from faultwatch.train.data import Prepared, Series
+from faultwatch.train.fit import TrainConfig, TrainResult
+from faultwatch.train.model import Forecaster, ForecasterConfig
 
 FORMAT = "faultwatch-checkpoint"
 #: 2: recurrent layers are ``rnns.{i}.rnn.*`` (any cell, optional peepholes); 1 had ``lstms.{i}.*``.

@@ -8,15 +8,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TextIO
 
-from faultwatch.runtime.csvdata import Table, read_csv
+from faultwatch.runtime.offline.csvdata import Table, read_csv
 from faultwatch.runtime.version import VERSION
-
-from .checkpoint import save_checkpoint
-from .data import Prepared, prepare
-from .fit import TrainConfig, fit
-from .model import ForecasterConfig
-from .options import TrainOptions
-from .progress import EpochProgress
+from faultwatch.train.checkpoint import save_checkpoint
+from faultwatch.train.data import Prepared, prepare
+from faultwatch.train.fit import TrainConfig, fit
+from faultwatch.train.model import ForecasterConfig
+from faultwatch.train.options import TrainOptions
+from faultwatch.train.progress import EpochProgress
 
 
 def load_data(csv_path: Path, options: TrainOptions) -> tuple[Table, Prepared]:

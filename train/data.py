@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from faultwatch.runtime.contract import Scaler
-from faultwatch.runtime.csvdata import LABEL_COLUMNS, CsvError, Table
+from faultwatch.runtime.engine.contract import Scaler
+from faultwatch.runtime.offline.csvdata import LABEL_COLUMNS, CsvError, Table
 
 
 @dataclass(frozen=True)

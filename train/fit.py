@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from faultwatch.train.data import Prepared
+from faultwatch.train.model import Forecaster, ForecasterConfig
 from torch import nn
-
-from .data import Prepared
-from .model import Forecaster, ForecasterConfig
 
 MODES = ("stateful", "windowed")
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
-
-from .command import load_data, loop_config, model_config
-from .fit import fit
-from .options import OptionsError, TrainOptions
+from faultwatch.train.command import load_data, loop_config, model_config
+from faultwatch.train.fit import fit
+from faultwatch.train.options import OptionsError, TrainOptions
 
 #: Options a trial changes; the rest come from the base configuration.
 TUNED = ("hidden", "lr", "dropout", "batch_size", "look_back")

@@ -1,0 +1,1 @@
+"""``faultwatch run``: the edge daemon. MQTT readings in, forecasts and fault events out."""

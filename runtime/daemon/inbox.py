@@ -1,0 +1,130 @@
+"""The daemon's way in: paho's network thread parses each message and queues it here for the
+engine thread, nothing more (a slow model step must never stall keep-alives).
+
+Queued items are plain tuples (thousands a second):
+
+- ``(READING, device, ts, values [F], features they are ordered by, mid, qos, received)``
+- ``(CHANNEL, device, ts, value, channel name, mid, qos, received)``
+- ``(REJECT, reason, mid, qos)``: counted by the engine thread, acknowledged all the same
+- ``(OTHER, mid, qos)``: a device of another daemon's partition (``input.partitions``):
+  counted and acknowledged, not parsed
+
+``received`` is ``time.monotonic()`` at arrival. The queue is bounded: beyond
+``input.max_queue`` a QoS 0 reading is dropped (counted), while for QoS 1 the
+client stops reading from its socket (:attr:`BufferedClient.pause_reading`), so
+the broker keeps the rest until the engine catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from faultwatch.runtime.daemon.config import Config
+from faultwatch.runtime.daemon.payload import PayloadError, parse_reading, parse_value
+from faultwatch.runtime.daemon.topics import TopicMatcher, device_partition
+
+log = logging.getLogger("faultwatch")
+
+READING, CHANNEL, REJECT, OTHER = 0, 1, 2, 3
+
+
+class Inbox:
+    def __init__(self, config: Config, features: tuple[str, ...], command_topic: str,
+                 on_command: Callable[[], None]):
+        self.topics = TopicMatcher(config.topics)
+        self.features = features  # replaced (one reference) when a reload changes the model
+        self.max_queue = config.input.max_queue
+        self.max_bytes = config.input.max_payload_bytes
+        self.partitions, self.partition = config.input.partitions, config.input.partition
+        self.command_topic = command_topic
+        self.on_command = on_command
+        self.items: deque[tuple] = deque()
+        self.wakeup = threading.Event()
+        self.counters: Counter = Counter()  # counted on the network thread only
+        self._last_bad_log = 0.0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def full(self) -> bool:
+        return len(self.items) >= self.max_queue
+
+    # -- network thread --------------------------------------------------------------------
+
+    def on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        """paho's on_message. Never raises (paho's thread would die)."""
+        try:
+            mid, qos = message.mid, message.qos
+            try:
+                topic = message.topic
+            except UnicodeDecodeError:
+                topic = ""
+            if topic == self.command_topic:
+                self.counters["reload_commands"] += 1
+                self.on_command()
+                return
+            self.counters["received"] += 1
+            found = self.topics.match(topic) if topic else None
+            if found is None:
+                item = (REJECT, "bad_topic", mid, qos)
+            elif self.partitions > 1 and device_partition(found[0], self.partitions) != self.partition:
+                item = (OTHER, mid, qos)
+            else:
+                device, channel = found
+                try:
+                    if channel is None:
+                        features = self.features
+                        ts, values = parse_reading(message.payload, features, time.time(), self.max_bytes)
+                        item = (READING, device, ts, values, features, mid, qos, time.monotonic())
+                    else:
+                        ts, value = parse_value(message.payload, time.time(), self.max_bytes)
+                        item = (CHANNEL, device, ts, value, channel, mid, qos, time.monotonic())
+                except PayloadError as exc:
+                    item = (REJECT, exc.reason, mid, qos)
+                    self._log_bad(topic, exc)
+            if qos == 0 and len(self.items) >= self.max_queue:
+                self.counters["dropped_queue_full"] += 1
+                return
+            self.items.append(item)
+            if not self.wakeup.is_set():
+                self.wakeup.set()
+        except Exception:  # a bug here must not kill paho's network thread
+            self.counters["callback_errors"] += 1
+            log.exception("error in on_message")
+
+    def _log_bad(self, topic: str, exc: PayloadError) -> None:
+        now = time.monotonic()
+        if now - self._last_bad_log > 5.0:  # at most one line per 5 s: a flood must not flood the log
+            self._last_bad_log = now
+            log.warning("rejected reading on %s: %s (at most one such line per 5 s; all are counted)",
+                        topic[:200], exc)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def take(self, limit: int, max_latency_s: float, timeout: float,
+             hold_until: Callable[[], float] | None = None) -> list[tuple]:
+        """Up to ``limit`` items: waits up to ``timeout`` for a first one, then up to
+        ``max_latency_s`` for the batch to fill, or until ``hold_until()`` (a time.monotonic()
+        value, asked once the first item is there) if that is later."""
+        if not self.items:
+            self.wakeup.wait(timeout)
+        self.wakeup.clear()  # before taking: an item added from now on sets it again
+        batch: list[tuple] = []
+        end = time.monotonic() + max_latency_s
+        if hold_until is not None and self.items:
+            end = max(end, hold_until())
+        while True:
+            while self.items and len(batch) < limit:
+                batch.append(self.items.popleft())
+            if not batch or len(batch) >= limit:
+                return batch
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return batch
+            self.wakeup.wait(remaining)
+            self.wakeup.clear()

@@ -1,0 +1,1 @@
+"""The daemon's MQTT connection: the client, reconnects, sessions and flow control."""

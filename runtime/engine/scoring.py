@@ -1,0 +1,174 @@
+"""Scoring and deciding, kept apart: a scorer turns forecast errors into a number,
+a detector turns numbers into faults raised and cleared.
+
+Both are streaming objects for many devices at once. Each device owns a row
+(a *slot*) of the state arrays; every call passes the slots it updates, one
+reading per slot. A high score always means anomalous.
+
+Why the score smooths each channel before combining them (a multivariate EWMA
+control chart, MEWMA, rather than an EWMA of a combined error): a fault that
+shifts a channel by a fraction of its noise (a valve half closed lowers the
+flow by one noise width) leaves the RMS of the per-reading errors almost
+unchanged, since squaring drowns a small bias in the noise. Averaging each
+channel's *signed* error first lets the noise cancel and the bias add up: over
+a span of 20 readings a one-sigma bias stands about five noise widths out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def ewma_variance(span: int) -> float:
+    """Variance of the EWMA (of the given span) of unit white noise, in steady state."""
+    alpha = 2.0 / (span + 1.0)
+    return alpha / (2.0 - alpha)
+
+
+class Scorer:
+    """Anomaly score of each reading from its one-step forecast errors.
+
+    Per target channel ``k``: ``z_k = (reading_k - forecast_k) / residual_std_k``
+    in scaled units, ``residual_std_k`` being the channel's error spread on
+    normal data measured at calibration. Each ``z_k`` is smoothed by an EWMA of
+    the given ``span`` (``m_k``, 0 after a reset); the score is the RMS of the
+    ``m_k`` of the channels really measured, divided by the noise width of an
+    EWMA of unit white noise, so that a normal reading scores about 1 whatever
+    the span. A missing (imputed, NaN) channel is neither smoothed nor scored.
+    With ``span=1`` the score is the plain RMS of ``z``.
+
+    ``residual_std`` should be the *long-run* spread at the smoothing scale
+    (see :func:`faultwatch.runtime.engine.calibration.calibrate`): a channel whose
+    errors are autocorrelated then weighs no more than one whose errors are white.
+
+    For ``warmup`` scored readings after a reset, :meth:`update` reports the
+    device as not ready: the caller must not raise faults from those scores.
+
+    >>> scorer = Scorer(residual_std=[0.1, 0.2], span=1, warmup=1, capacity=2)
+    >>> score, contrib, ready = scorer.update([0, 1], np.array([[0.1, 0.2], [0.0, 0.0]]))
+    >>> score.round(3).tolist(), ready.tolist()
+    ([1.0, 0.0], [False, False])
+    >>> score, contrib, ready = scorer.update([0, 1], np.array([[0.3, np.nan], [0.0, 0.4]]))
+    >>> score.round(3).tolist(), ready.tolist()
+    ([3.0, 1.414], [True, True])
+
+    A small steady bias stands out once smoothed:
+
+    >>> scorer = Scorer(residual_std=[1.0], span=19, warmup=0, capacity=1)
+    >>> for _ in range(60):
+    ...     score, _, _ = scorer.update([0], np.array([[1.0]]))
+    >>> round(float(score[0]), 1)
+    4.4
+    """
+
+    def __init__(self, residual_std: Sequence[float], span: int, warmup: int, capacity: int):
+        if span < 1:
+            raise ValueError(f"score span must be >= 1, got {span}")
+        self.residual_std = np.maximum(np.asarray(residual_std, dtype=np.float64), 1e-6)
+        self.span = int(span)
+        self.warmup = int(warmup)
+        self.alpha = 2.0 / (self.span + 1.0)
+        self.noise = np.sqrt(ewma_variance(self.span))
+        k = len(self.residual_std)
+        self.smoothed = np.zeros((capacity, k))  # m: per-channel EWMA of z
+        self.score = np.zeros(capacity)  # the last score, kept when a reading measures nothing
+        self.seen = np.zeros(capacity, dtype=np.int64)  # scored readings since the last reset
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - len(self.score)
+        self.smoothed = np.concatenate([self.smoothed, np.zeros((extra, self.smoothed.shape[1]))])
+        self.score = np.concatenate([self.score, np.zeros(extra)])
+        self.seen = np.concatenate([self.seen, np.zeros(extra, dtype=np.int64)])
+
+    def reset(self, slots) -> None:
+        self.smoothed[slots] = 0.0
+        self.score[slots] = 0.0
+        self.seen[slots] = 0
+
+    def update(self, slots, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """residuals [B, K] (NaN = not measured) → score [B], contributions [B, K], ready [B].
+
+        ``contributions[b, k]`` is channel k's part of score² (NaN when not measured);
+        they sum to score² over the measured channels.
+        """
+        slots = np.asarray(slots)
+        z = residuals / self.residual_std  # [B, K]
+        measured = ~np.isnan(z)
+        m = self.smoothed[slots]
+        m = np.where(measured, self.alpha * np.nan_to_num(z) + (1.0 - self.alpha) * m, m)
+        self.smoothed[slots] = m
+        count = measured.sum(axis=1)  # [B]
+        contrib = np.where(measured, (m / self.noise) ** 2, np.nan) / np.maximum(count, 1)[:, None]
+        score = np.sqrt(np.nansum(contrib, axis=1))
+        # A reading with nothing measured leaves the score where it was.
+        score = np.where(count > 0, score, self.score[slots])
+        self.score[slots] = score
+        self.seen[slots] += count > 0
+        return score, contrib, self.seen[slots] > self.warmup
+
+
+class FaultDetector:
+    """Turns per-reading verdicts into fault episodes: one raise and one clear each.
+
+    A fault is raised when ``raise_k`` of the last ``window_n`` readings are
+    *anomalous* (score above the threshold). It is cleared only after
+    ``clear_m`` *calm* readings in a row, calm meaning the score fell below a
+    lower level (``clear_ratio`` × threshold, chosen by the caller). This is a
+    Schmitt trigger: a score hovering around the threshold, as a real fault's
+    score does when it drifts, neither clears the fault nor raises it again, so
+    an episode never turns into an alert storm. Readings between the two
+    levels hold the current state.
+
+    ``update(slots, anomalous, calm)`` returns +1 where a fault is raised, -1
+    where one is cleared, 0 elsewhere:
+
+    >>> det = FaultDetector(raise_k=2, window_n=3, clear_m=2, capacity=1)
+    >>> flags = [(1, 0), (0, 0), (1, 0), (1, 0), (0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (0, 1)]
+    >>> [int(det.update([0], np.array([a]), np.array([c]))[0]) for a, c in flags]
+    [0, 0, 1, 0, 0, 0, 0, -1, 0, 0]
+    """
+
+    def __init__(self, raise_k: int, window_n: int, clear_m: int, capacity: int):
+        if not 1 <= raise_k <= window_n <= 62:
+            raise ValueError("need 1 <= raise_k <= window_n <= 62")
+        if clear_m < 1:
+            raise ValueError("need clear_m >= 1")
+        self.raise_k, self.window_n, self.clear_m = raise_k, window_n, clear_m
+        self.mask = (1 << window_n) - 1
+        self.history = np.zeros(capacity, dtype=np.int64)  # bit i = flag of the i-th last reading
+        self.normal_run = np.zeros(capacity, dtype=np.int64)  # calm readings in a row
+        self.active = np.zeros(capacity, dtype=bool)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - len(self.active)
+        self.history = np.concatenate([self.history, np.zeros(extra, dtype=np.int64)])
+        self.normal_run = np.concatenate([self.normal_run, np.zeros(extra, dtype=np.int64)])
+        self.active = np.concatenate([self.active, np.zeros(extra, dtype=bool)])
+
+    def reset(self, slots) -> None:
+        """Forget the recent verdicts; an active fault stays active until cleared."""
+        self.history[slots] = 0
+        self.normal_run[slots] = 0
+
+    def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None) -> np.ndarray:
+        """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8."""
+        slots = np.asarray(slots)
+        flags = np.asarray(anomalous, dtype=bool)
+        calm = ~flags if calm is None else np.asarray(calm, dtype=bool) & ~flags
+        history = ((self.history[slots] << 1) | flags) & self.mask
+        self.history[slots] = history
+        normal_run = np.where(calm, self.normal_run[slots] + 1, 0)
+        self.normal_run[slots] = normal_run
+        active = self.active[slots]
+        raised = ~active & (np.bitwise_count(history) >= self.raise_k)
+        cleared = active & (normal_run >= self.clear_m)
+        self.active[slots] = (active | raised) & ~cleared
+        return raised.astype(np.int8) - cleared.astype(np.int8)
+
+
+def smoothed_scores(residuals: np.ndarray, residual_std: Sequence[float], span: int) -> np.ndarray:
+    """The score of one device's residual sequence [N, K] → [N] (for calibration), from a reset."""
+    scorer = Scorer(residual_std, span=span, warmup=0, capacity=1)
+    return np.array([scorer.update([0], r[None])[0][0] for r in residuals])

@@ -1,0 +1,1 @@
+"""The engine without a broker: ``faultwatch replay`` and ``inspect``, and CSV reading."""
