@@ -14,6 +14,8 @@ from pathlib import Path
 from faultwatch.runtime.version import VERSION
 
 TRAIN_HINT = "this command needs torch: pip install 'faultwatch[train]'"
+#: ``faultwatch tune`` trains each trial for at most this many epochs unless told otherwise.
+TUNE_EPOCHS = 30
 
 
 class UserError(Exception):
@@ -100,7 +102,7 @@ def cmd_tune(args) -> int:
             batch_size=tuple(int(v) for v in args.batch_range),
             look_back=tuple(int(v) for v in args.look_back_range))
         tune(Path(args.data), Path(args.out), trials=args.trials, timeout=args.timeout, space=space,
-             base=_train_options(args, defaults={"epochs": 30}), quiet=args.quiet)
+             base=_train_options(args, defaults={"epochs": TUNE_EPOCHS}), quiet=args.quiet)
     except OptionsError as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -208,40 +210,35 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
-    """The options of faultwatch.train.options.TrainOptions. Defaults are SUPPRESSed on the parser
-    (only flags given reach the handler, so they can override --config); the help states the
-    recipe's defaults, which live in TrainOptions."""
+    """One flag per field of faultwatch.train.options.TrainOptions (torch-free), its help and
+    default read from the field. Defaults are SUPPRESSed on the parser (only flags given reach
+    the handler, so they can override --config); the help shows the dataclass default."""
+    from dataclasses import fields
+
+    from faultwatch.train.options import TrainOptions
+
     p.add_argument("--config", default=None, help="JSON/TOML file of these options (e.g. tune's best.json)")
     p.add_argument("--quiet", action="store_true", default=False, help="print nothing")
-    p.add_argument("--hidden", type=_ints, help="recurrent layer sizes (128,64)"
-                   + ("; the base trial, as are --lr --dropout --batch-size --look-back" if tune else ""))
-    p.add_argument("--dense", type=int, help="hidden dense layer before the output, 0 = none (32)")
-    p.add_argument("--dropout", type=float, help="after each recurrent layer (0.3)")
-    p.add_argument("--cell", choices=("lstm", "gru"), help="(lstm)")
-    p.add_argument("--peephole", action="store_true", help="LSTM gates also see the cell state")
-    p.add_argument("--bidirectional", action="store_true",
-                   help="BiLSTM/BiGRU for offline scoring; implies --windowed; cannot be exported to stream")
-    p.add_argument("--recurrent-dropout", type=float, help="variational dropout on h between steps (0)")
-    p.add_argument("--zoneout", type=float, help="probability a unit keeps its previous state (0)")
-    p.add_argument("--max-norm", type=float, help="cap on each weight row's L2 norm, 0 = off (0)")
-    p.add_argument("--mode", choices=("stateful", "windowed"), help="(stateful)")
+    shown = {"epochs": TUNE_EPOCHS} if tune else {}
+    kinds = {"int": int, "float": float, "tuple[int, ...]": _ints, "tuple[str, ...]": _names,
+             "tuple[str, ...] | None": _names}
+    for f in fields(TrainOptions):
+        text = f"{f.metadata['help']} ({TrainOptions.default_text(f.name, shown.get(f.name))})"
+        if tune and f.name == "epochs":
+            text = f"{f.metadata['help']}, per trial ({TUNE_EPOCHS}; train's default {f.default})"
+        if tune and f.name == "hidden":
+            text += "; the base trial, as are --lr --dropout --batch-size --look-back"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=text)
+        elif "choices" in f.metadata:
+            p.add_argument(flag, choices=f.metadata["choices"], help=text)
+        else:
+            p.add_argument(flag, type=kinds.get(str(f.type), str), help=text)
     p.add_argument("--stateful", dest="mode", action="store_const", const="stateful",
-                   help="truncated BPTT carrying the state across chunks (the default)")
+                   help="same as --mode stateful")
     p.add_argument("--windowed", dest="mode", action="store_const", const="windowed",
-                   help="the recipe's independent look-back windows")
-    p.add_argument("--look-back", type=int, help="window or chunk length (60)")
-    p.add_argument("--batch-size", type=int, help="(32)")
-    p.add_argument("--epochs", type=int, help="at most (tune: per trial, 30)" if tune else "at most (100)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
-    p.add_argument("--patience", type=int, help="early stopping, epochs without improvement (10)")
-    p.add_argument("--lr-patience", type=int, help="flat epochs before the LR drops tenfold (5)")
-    p.add_argument("--seed", type=int, help="same seed, same machine → same weights (0)")
-    p.add_argument("--threads", type=int, help="torch threads while training, 0 = torch's default (1)")
-    p.add_argument("--features", type=_names, help="input columns (default: all numeric but labels)")
-    p.add_argument("--exclude", type=_names, help="columns never used as inputs")
-    p.add_argument("--target", type=_names, help="forecast these channels (default: all features)")
-    p.add_argument("--val-fraction", type=float, help="last part of each device validates (0.2)")
-    p.add_argument("--scaler", choices=("minmax", "standard"), help="fitted on the training part (minmax)")
+                   help="same as --mode windowed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +377,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, OSError, ContractError, CsvError, ModelError]
     for module, name in (("faultwatch.runtime.daemon.config", "ConfigError"),
                          ("faultwatch.train.checkpoint", "CheckpointError"),
+                         ("faultwatch.train.device", "DeviceError"),
                          ("faultwatch.export.onnx_graph", "ExportError"),
                          ("faultwatch.bench.evaluate", "EvalError")):
         mod = sys.modules.get(module)  # only what the handler already imported: never pull in torch

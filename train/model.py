@@ -106,8 +106,8 @@ class Recurrent(nn.Module):
         #: Export sets this: run the fused kernel, the peephole term is patched into the ONNX graph.
         self.fused_for_export = False
 
-    def zero_state(self, batch: int) -> tuple[torch.Tensor, ...]:
-        zeros = torch.zeros(self.directions, batch, self.hidden_size)
+    def zero_state(self, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        zeros = torch.zeros(self.directions, batch, self.hidden_size, device=device)
         return (zeros, zeros.clone()) if self.cell == "lstm" else (zeros,)
 
     def needs_unrolled(self) -> bool:
@@ -221,13 +221,13 @@ class Forecaster(nn.Module):
             self.head = nn.Linear(sizes[-1], n_targets)
         self.register_buffer("target_index", torch.tensor(config.target_index, dtype=torch.long))
 
-    def zero_state(self, batch: int) -> State:
-        return [rnn.zero_state(batch) for rnn in self.rnns]
+    def zero_state(self, batch: int, device: torch.device | None = None) -> State:
+        return [rnn.zero_state(batch, device) for rnn in self.rnns]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: [B, T, F] scaled readings → forecast [B, T, K] of the next reading, new state."""
         if state is None:
-            state = self.zero_state(x.shape[0])
+            state = self.zero_state(x.shape[0], x.device)
         out, new_state = x, []
         for rnn, layer_state in zip(self.rnns, state, strict=True):
             out, layer_state = rnn(out, layer_state)  # out: [B, T, D·H_i]

@@ -23,6 +23,7 @@ from typing import TextIO
 
 import optuna
 from faultwatch.train.command import load_data, loop_config, model_config
+from faultwatch.train.device import resolve_device
 from faultwatch.train.fit import fit
 from faultwatch.train.options import OptionsError, TrainOptions
 
@@ -93,9 +94,11 @@ def tune(
     if trials < 1:
         raise OptionsError(f"trials: need at least 1, got {trials}")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=stream, flush=True))
+    # Refused here, once: inside a trial a DeviceError (a ValueError) would only fail that trial.
+    device = resolve_device(base.device, base.precision)
     table, prepared = load_data(csv_path, base)
     say(f"data: {len(table.timestamps)} rows, {len(prepared.series)} device(s), "
-        f"{len(prepared.features)} features; {trials} trial(s) of up to {base.epochs} epochs")
+        f"{len(prepared.features)} features; {trials} trial(s) of up to {base.epochs} epochs on {device}")
 
     def objective(trial: optuna.Trial) -> float:
         options = _suggest(trial, base, space)
