@@ -187,7 +187,14 @@ def cmd_eval(args) -> int:
     from faultwatch.bench.evaluate import run_nab, run_skab
 
     spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs), ("score_span", args.span),
-                              ("quantile", args.quantile), ("factor", args.factor)) if v is not None}
+                              ("quantile", args.quantile), ("factor", args.factor),
+                              ("device", args.device), ("precision", args.precision)) if v is not None}
+    if args.device is not None or args.precision is not None:
+        from faultwatch.train.device import resolve_device
+        from faultwatch.train.options import TrainOptions
+
+        # Refused here, in one line, rather than once per file in the worker processes.
+        resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
     options = EvalOptions(spec=spec, baselines=not args.no_baselines, reports=not args.no_reports,
                           headline="lstm" if args.threshold == "static" else "lstm-dynamic",
                           **({"train_rows": args.train_rows} if args.benchmark == "skab" else {}))
@@ -239,6 +246,16 @@ def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
                    help="same as --mode stateful")
     p.add_argument("--windowed", dest="mode", action="store_const", const="windowed",
                    help="same as --mode windowed")
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --precision for commands that train without the rest of TrainOptions' flags."""
+    from faultwatch.train.options import TrainOptions
+
+    for name in ("device", "precision"):
+        f = TrainOptions.__dataclass_fields__[name]
+        p.add_argument(f"--{name}", choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} ({TrainOptions.default_text(name)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exported model precision (int8)")
         q.add_argument("--jobs", type=int, default=0, help="worker processes (0 = one per core)")
         q.add_argument("--epochs", type=int, help="training epochs per file, at most (80)")
+        _device_flags(q)
         q.add_argument("--span", type=int, help="EWMA span of the score (20)")
         q.add_argument("--quantile", type=float, help="threshold quantile of training scores (0.995)")
         q.add_argument("--factor", type=float, help="threshold = factor × quantile (2.5)")
