@@ -36,6 +36,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -73,7 +74,7 @@ def targets(r: dict) -> list[dict]:
     def fp32_vs_int8(batch: int) -> float:
         return s["ort_fp32"][str(batch)] / s["ort_int8"][str(batch)]
 
-    rows = [
+    rows: list[tuple[Any, ...]] = [
         ("int8 vs torch eager, batch 1", s["torch"]["1"] / s["ort_int8"]["1"], ">=", 8.0, "×"),
         ("int8 vs fp32, batch 1", fp32_vs_int8(1), ">=", 1.4, "×", bound["int8_vs_fp32"]),
         ("int8 vs fp32, batch 64", fp32_vs_int8(64), ">=", 1.4, "×"),

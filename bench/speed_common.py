@@ -9,7 +9,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,8 @@ def say(text: str) -> None:
 # -- timing ------------------------------------------------------------------------------
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, float]:
+def time_interleaved(calls: Mapping[str, Callable[[], object]], rounds: int,
+                     block_s: float) -> dict[str, float]:
     """Seconds per call of each function: the median of ``rounds`` blocks, run in alternating order.
 
     Each function is warmed up and given a repeat count that fills ``block_s``; then

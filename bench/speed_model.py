@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from faultwatch.bench.speed_common import (
@@ -38,7 +40,7 @@ from faultwatch.runtime.engine.model import StepModel
 
 @dataclass
 class Models:
-    torch_model: object  # faultwatch.train.model.Forecaster, eval mode
+    torch_model: Any  # faultwatch.train.model.Forecaster, eval mode (torch is imported lazily)
     paths: dict[str, Path]  # EXPORTS' names ("ort_fp32", "ort_int8", ...) → .onnx
     steps: dict[str, StepModel]
     export_reports: dict[str, dict]
@@ -127,7 +129,7 @@ def bench_steps(models: Models, counts: Counts, readings: np.ndarray) -> tuple[d
         for batch in BATCHES:
             rows = readings.reshape(-1, readings.shape[-1])
             x = np.ascontiguousarray(rows[np.arange(batch) % len(rows)][:, None, :])  # [B, 1, F]
-            calls = {"torch": TorchStepper(models.torch_model, x),
+            calls: dict[str, Callable[[], object]] = {"torch": TorchStepper(models.torch_model, x),
                      **{mode: OrtStepper(models.steps[mode], x) for mode in EXPORTS},
                      "call_floor": CallFloor(identity, models.steps["ort_int8"], x)}
             seconds = time_interleaved(calls, counts.rounds, counts.block_s)
@@ -176,7 +178,7 @@ def gemm_worker() -> None:
             np.matmul(a, b, out=c)
 
     seconds = time_interleaved({"gemm": all_products}, rounds, block_s)["gemm"]
-    config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+    config: Any = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
     blas = config.get("Build Dependencies", {}).get("blas", {}) if isinstance(config, dict) else {}
     name = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     print(json.dumps({"seconds": seconds, "blas": name}))

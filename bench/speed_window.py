@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from faultwatch.bench.speed_common import (
@@ -64,12 +65,12 @@ def bench_window(models: Models, counts: Counts, readings: np.ndarray, call_floo
     """
     import torch
 
-    timings = {}
+    timings: dict[str, dict[str, float]] = {}
     for batch in (1, DAEMON_BATCH):
         rows = np.arange(batch) % readings.shape[0]
         window = np.ascontiguousarray(readings[rows, :WINDOW])  # [B, 60, F]
         step = np.ascontiguousarray(window[:, -1:])  # [B, 1, F]
-        calls = {}
+        calls: dict[str, Callable[[], object]] = {}
         for mode in ("ort_int8", "ort_fp32"):
             calls[f"{mode}_stream"] = OrtStepper(models.steps[mode], step)
             calls[f"{mode}_window"] = OrtWindow(models.steps[mode], window)
@@ -86,7 +87,7 @@ def bench_window(models: Models, counts: Counts, readings: np.ndarray, call_floo
     # A call of T steps costs fixed + T × per_step; two lengths give both, per mode at batch 1.
     per_step = {m: (b1[f"{m}_window"] - b1[f"{m}_stream"]) / (WINDOW - 1) for m in MODES}
     ratio = {b: t["ort_int8_window"] / t["ort_int8_stream"] for b, t in timings.items()}
-    result = {
+    result: dict[str, Any] = {
         "window": WINDOW,
         "ratio_batch1": ratio["1"],
         f"ratio_batch{DAEMON_BATCH}": ratio[str(DAEMON_BATCH)],

@@ -9,7 +9,9 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from faultwatch.runtime.version import VERSION
 
@@ -98,9 +100,8 @@ def cmd_tune(args) -> int:
 
     try:
         space = SearchSpace(
-            hidden=tuple(int(v) for v in args.hidden_range), lr=args.lr_range, dropout=args.dropout_range,
-            batch_size=tuple(int(v) for v in args.batch_range),
-            look_back=tuple(int(v) for v in args.look_back_range))
+            hidden=_int_pair(args.hidden_range), lr=args.lr_range, dropout=args.dropout_range,
+            batch_size=_int_pair(args.batch_range), look_back=_int_pair(args.look_back_range))
         tune(Path(args.data), Path(args.out), trials=args.trials, timeout=args.timeout, space=space,
              base=_train_options(args, defaults={"epochs": TUNE_EPOCHS}), quiet=args.quiet)
     except OptionsError as exc:
@@ -216,6 +217,10 @@ def _pair(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _int_pair(pair: tuple[float, float]) -> tuple[int, int]:
+    return int(pair[0]), int(pair[1])
+
+
 def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
     """One flag per field of faultwatch.train.options.TrainOptions (torch-free), its help and
     default read from the field. Defaults are SUPPRESSed on the parser (only flags given reach
@@ -227,8 +232,8 @@ def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
     p.add_argument("--config", default=None, help="JSON/TOML file of these options (e.g. tune's best.json)")
     p.add_argument("--quiet", action="store_true", default=False, help="print nothing")
     shown = {"epochs": TUNE_EPOCHS} if tune else {}
-    kinds = {"int": int, "float": float, "tuple[int, ...]": _ints, "tuple[str, ...]": _names,
-             "tuple[str, ...] | None": _names}
+    kinds: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "tuple[int, ...]": _ints,
+                                              "tuple[str, ...]": _names, "tuple[str, ...] | None": _names}
     for f in fields(TrainOptions):
         text = f"{f.metadata['help']} ({TrainOptions.default_text(f.name, shown.get(f.name))})"
         if tune and f.name == "epochs":

@@ -278,7 +278,7 @@ def _fit(prepared, model_config, config, device, progress, on_batch, init) -> Tr
     else:
         windows, nexts = (t.to(device) for t in _windows(prepared, config.look_back))
 
-    best = (math.inf, 0, None)
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, 0, None)
     if init is not None:
         best = (_validation_loss(model, prepared, config), 0,
                 {k: v.clone() for k, v in model.state_dict().items()})

@@ -100,7 +100,8 @@ class Recurrent(nn.Module):
         if peephole:
             # [D, 3, H]: weights on the cell state for the (input, forget, output) gates.
             bound = 1.0 / math.sqrt(hidden)
-            self.peephole = nn.Parameter(torch.empty(self.directions, 3, hidden).uniform_(-bound, bound))
+            self.peephole: nn.Parameter | None = nn.Parameter(
+                torch.empty(self.directions, 3, hidden).uniform_(-bound, bound))
         else:
             self.peephole = None
         #: Export sets this: run the fused kernel, the peephole term is patched into the ONNX graph.
@@ -190,6 +191,8 @@ class Recurrent(nn.Module):
 
 
 class Forecaster(nn.Module):
+    target_index: torch.Tensor  # [K] long, a buffer: where each target sits among the features
+
     """Next-step forecaster.
 
     The head predicts the *change* from the current reading of each target
@@ -211,6 +214,7 @@ class Forecaster(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         n_targets = len(config.target_index)
+        self.head: nn.Module
         if config.dense > 0:
             self.head = nn.Sequential(
                 nn.Linear(sizes[-1], config.dense),
@@ -222,7 +226,11 @@ class Forecaster(nn.Module):
         self.register_buffer("target_index", torch.tensor(config.target_index, dtype=torch.long))
 
     def zero_state(self, batch: int, device: torch.device | None = None) -> State:
-        return [rnn.zero_state(batch, device) for rnn in self.rnns]
+        return [rnn.zero_state(batch, device) for rnn in self.recurrent_layers()]
+
+    def recurrent_layers(self) -> list[Recurrent]:
+        """``self.rnns``, typed (a ModuleList's items read as plain Modules)."""
+        return [rnn for rnn in self.rnns if isinstance(rnn, Recurrent)]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: [B, T, F] scaled readings → forecast [B, T, K] of the next reading, new state."""
@@ -243,7 +251,7 @@ class Forecaster(nn.Module):
     def parameter_table(self) -> list[tuple[str, int]]:
         """(layer name, parameter count) per top-level layer, for the training report."""
         rows = []
-        for i, rnn in enumerate(self.rnns):
+        for i, rnn in enumerate(self.recurrent_layers()):
             kind = ("peephole-" if rnn.peephole is not None else "") + rnn.cell
             arrow = f"{rnn.input_size}→{'2×' if rnn.directions == 2 else ''}{rnn.hidden_size}"
             rows.append((f"{'bi' if rnn.directions == 2 else ''}{kind}{i} ({arrow})",

@@ -112,7 +112,7 @@ class TrainOptions:
         ``bidirectional`` without a ``mode`` implies windowed training, the only kind it has.
         """
         prefix = f"{source}: " if source else ""
-        types = {f.name: f.type for f in fields(cls)}
+        types = {f.name: str(f.type) for f in fields(cls)}
         changes = {}
         for key, value in values.items():
             key = key.replace("-", "_")

@@ -64,7 +64,7 @@ def _layers(base: tuple[int, ...], first: int) -> tuple[int, ...]:
     return tuple(max(1, round(first * h / base[0])) for h in base)
 
 
-def _suggest(trial: optuna.Trial, base: TrainOptions, space: SearchSpace) -> TrainOptions:
+def _suggest(trial: optuna.trial.BaseTrial, base: TrainOptions, space: SearchSpace) -> TrainOptions:
     first = trial.suggest_int("hidden", *space.hidden, log=True)
     return replace(
         base,
@@ -163,7 +163,7 @@ def tune(
         "config_path": str(out_dir / "best.json"),
     }
     (out_dir / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    baseline = summary["baseline_val_loss"]
+    baseline = first.value if baseline_enqueued else None
     versus = "" if baseline is None or not math.isfinite(baseline) else \
         f" (base configuration, trial 1: {baseline:.3e})"
     say(f"best: trial {best.number + 1}, val {best.value:.3e}{versus} → {out_dir / 'best.json'}; "
