@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from faultwatch.runtime.engine.model import StepModel, session_options
+from faultwatch.train.options import TrainOptions
 
 BATCHES = (1, 64, 1024)
 #: Every precision ``faultwatch export`` offers, by bench name → its ``--quantize`` mode.
@@ -31,8 +32,8 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 class BenchOptions:
     quick: bool = False
     run_dir: Path | None = None  # an existing training run; default: train one here
-    hidden: tuple[int, ...] = (128, 64)
-    dense: int = 32
+    hidden: tuple[int, ...] = TrainOptions.hidden  # the reference network: the recipe's
+    dense: int = TrainOptions.dense
     workdir: Path | None = None  # keep the models, logs and broker files here
     daemon: bool = True
     profile: bool = False  # py-spy the daemon during the throughput drain (needs py-spy)

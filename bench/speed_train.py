@@ -19,10 +19,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+from faultwatch.train.options import TrainOptions
+
 CHUNK = 60  # the recipe's look-back: steps per chunk
 FEATURES = 8
-HIDDEN = (128, 64)
-DENSE = 32
+HIDDEN = TrainOptions.hidden  # the reference network is the recipe's: 128 → 64, dense 32
+DENSE = TrainOptions.dense
 CPU_STREAMS = (32, 256)
 CUDA_STREAMS = (32, 256, 1024, 4096)
 

@@ -10,10 +10,14 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from faultwatch.runtime.version import VERSION
+
+# Torch-free: the training options' flags, help and defaults are built from its fields.
+from faultwatch.train.options import TrainOptions
 
 TRAIN_HINT = "this command needs torch: pip install 'faultwatch[train]'"
 #: ``faultwatch tune`` trains each trial for at most this many epochs unless told otherwise.
@@ -73,7 +77,7 @@ def cmd_simulate(args) -> int:
 
 def _train_options(args, defaults: dict | None = None):
     """TrainOptions from the recipe, then ``defaults``, then --config, then the flags given."""
-    from faultwatch.train.options import OptionsError, TrainOptions, load_config
+    from faultwatch.train.options import OptionsError, load_config
 
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     try:
@@ -192,7 +196,6 @@ def cmd_eval(args) -> int:
                               ("device", args.device), ("precision", args.precision)) if v is not None}
     if args.device is not None or args.precision is not None:
         from faultwatch.train.device import resolve_device
-        from faultwatch.train.options import TrainOptions
 
         # Refused here, in one line, rather than once per file in the worker processes.
         resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
@@ -225,10 +228,6 @@ def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
     """One flag per field of faultwatch.train.options.TrainOptions (torch-free), its help and
     default read from the field. Defaults are SUPPRESSed on the parser (only flags given reach
     the handler, so they can override --config); the help shows the dataclass default."""
-    from dataclasses import fields
-
-    from faultwatch.train.options import TrainOptions
-
     p.add_argument("--config", default=None, help="JSON/TOML file of these options (e.g. tune's best.json)")
     p.add_argument("--quiet", action="store_true", default=False, help="print nothing")
     shown = {"epochs": TUNE_EPOCHS} if tune else {}
@@ -255,8 +254,6 @@ def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
     """--device and --precision for commands that train without the rest of TrainOptions' flags."""
-    from faultwatch.train.options import TrainOptions
-
     for name in ("device", "precision"):
         f = TrainOptions.__dataclass_fields__[name]
         p.add_argument(f"--{name}", choices=f.metadata.get("choices"),
@@ -373,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller counts, under a minute (CI smoke)")
     p.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     p.add_argument("--run-dir", help="bench this training run instead of training one")
-    p.add_argument("--hidden", type=_ints, default=(128, 64), help="LSTM sizes of the trained model")
-    p.add_argument("--dense", type=int, default=32)
+    p.add_argument("--hidden", type=_ints, default=TrainOptions.hidden,
+                   help=f"LSTM sizes of the trained model ({TrainOptions.default_text('hidden')})")
+    p.add_argument("--dense", type=int, default=TrainOptions.dense, help=f"({TrainOptions.dense})")
     p.add_argument("--workdir", help="keep models, logs and broker files here (default: temporary)")
     p.add_argument("--no-daemon", action="store_true", help="skip the end-to-end daemon part")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon during a throughput drain")

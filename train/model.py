@@ -28,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from faultwatch.train.options import TrainOptions
 from torch import nn
 
 #: Per layer: (h, c) for an LSTM, (h,) for a GRU; each [D, B, H_i] (D = 2 when bidirectional).
@@ -38,18 +39,19 @@ CELLS = ("lstm", "gru")
 
 @dataclass
 class ForecasterConfig:
-    """Constructor arguments; saved in the checkpoint as plain data (``asdict``)."""
+    """Constructor arguments; saved in the checkpoint as plain data (``asdict``). Defaults are
+    the recipe's, from TrainOptions (faultwatch.train.options)."""
 
     n_features: int
     target_index: tuple[int, ...]  # position of each forecast target among the features
-    hidden: tuple[int, ...] = (128, 64)
-    dense: int = 32  # 0 = no hidden dense layer
-    dropout: float = 0.3  # between layers and before the head, as in the recipe
-    cell: str = "lstm"  # or "gru"
-    peephole: bool = False  # LSTM only
-    bidirectional: bool = False  # offline scoring only: cannot stream
-    recurrent_dropout: float = 0.0  # variational: one mask on h per sequence, training only
-    zoneout: float = 0.0  # probability a unit keeps its previous h and c, training only
+    hidden: tuple[int, ...] = TrainOptions.hidden
+    dense: int = TrainOptions.dense  # 0 = no hidden dense layer
+    dropout: float = TrainOptions.dropout  # between layers and before the head, as in the recipe
+    cell: str = TrainOptions.cell  # or "gru"
+    peephole: bool = TrainOptions.peephole  # LSTM only
+    bidirectional: bool = TrainOptions.bidirectional  # offline scoring only: cannot stream
+    recurrent_dropout: float = TrainOptions.recurrent_dropout  # variational: one mask on h per sequence
+    zoneout: float = TrainOptions.zoneout  # probability a unit keeps its previous h and c, training only
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:

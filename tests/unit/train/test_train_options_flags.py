@@ -97,6 +97,13 @@ def test_train_config_restates_no_number():
         assert ast.unparse(value) == f"TrainOptions.{name}", (name, ast.unparse(value))
 
 
+def test_forecaster_config_defaults_are_the_options():
+    defaults = _class_defaults(ROOT / "train" / "model.py", "ForecasterConfig")
+    assert len(defaults) == 8
+    for name, value in defaults.items():
+        assert ast.unparse(value) == f"TrainOptions.{name}", (name, ast.unparse(value))
+
+
 def test_bench_spec_shares_the_recipe_where_it_keeps_it():
     defaults = _class_defaults(ROOT / "bench" / "eval_model.py", "BenchSpec")
     for name in ("seed", "val_fraction", "device", "precision"):
