@@ -165,3 +165,17 @@ def test_same_seed_on_cuda_gives_close_weights(csv_path, tmp_path):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+@needs_cuda
+def test_bf16_reaches_fp32s_validation_loss_within_2_percent(tmp_path):
+    # Issue 13's acceptance check for --precision bf16, on simulator data.
+    csv = tmp_path / "pumps.csv"
+    write_csv(simulate(devices=4, steps=2000, seed=5), csv)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        assert cli.main(["train", str(csv), "--out", str(run), "--hidden", "32,16", "--dense", "8",
+                         "--epochs", "8", "--quiet", "--device", "cuda", "--precision", precision]) == 0
+        losses[precision] = json.loads((run / "report.json").read_text())["best_val_loss"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), losses
