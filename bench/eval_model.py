@@ -40,6 +40,7 @@ from faultwatch.train.checkpoint import load_checkpoint, save_checkpoint
 from faultwatch.train.data import Prepared, prepare
 from faultwatch.train.fit import TrainConfig, TrainResult, fit
 from faultwatch.train.model import ForecasterConfig
+from faultwatch.train.options import TrainOptions
 
 PARITY_ATTEMPTS = 5
 
@@ -49,7 +50,8 @@ class BenchSpec:
     """The model, loop and calibration used for every file of a benchmark run.
 
     Small on purpose: a benchmark trains one model per file on a few hundred
-    rows, and 34 files must train in minutes on two cores.
+    rows, and 34 files must train in minutes on two cores. Where it keeps the
+    recipe's setting, the default is TrainOptions' (faultwatch.train.options).
     """
 
     hidden: tuple[int, ...] = (32,)
@@ -60,8 +62,10 @@ class BenchSpec:
     look_back: int = 20
     batch_size: int = 4
     patience: int = 20
-    seed: int = 0
-    val_fraction: float = 0.2
+    seed: int = TrainOptions.seed
+    val_fraction: float = TrainOptions.val_fraction
+    device: str = TrainOptions.device  # each worker process trains on it
+    precision: str = TrainOptions.precision
     quantize: str = "int8"
     score_span: int = 20
     warmup: int = 30
@@ -83,7 +87,8 @@ def head(table: Table, n: int) -> Table:
 
 def _train_config(spec: BenchSpec, epochs: int, lr: float) -> TrainConfig:
     return TrainConfig(mode="stateful", look_back=spec.look_back, batch_size=spec.batch_size,
-                       epochs=epochs, lr=lr, patience=spec.patience, seed=spec.seed)
+                       epochs=epochs, lr=lr, patience=spec.patience, seed=spec.seed,
+                       device=spec.device, precision=spec.precision)
 
 
 def pretrain(table: Table, run_dir: Path, spec: BenchSpec, features: tuple[str, ...]) -> Path:

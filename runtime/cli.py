@@ -9,11 +9,19 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from faultwatch.runtime.version import VERSION
 
+# Torch-free: the training options' flags, help and defaults are built from its fields.
+from faultwatch.train.options import TrainOptions
+
 TRAIN_HINT = "this command needs torch: pip install 'faultwatch[train]'"
+#: ``faultwatch tune`` trains each trial for at most this many epochs unless told otherwise.
+TUNE_EPOCHS = 30
 
 
 class UserError(Exception):
@@ -69,7 +77,7 @@ def cmd_simulate(args) -> int:
 
 def _train_options(args, defaults: dict | None = None):
     """TrainOptions from the recipe, then ``defaults``, then --config, then the flags given."""
-    from faultwatch.train.options import OptionsError, TrainOptions, load_config
+    from faultwatch.train.options import OptionsError, load_config
 
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     try:
@@ -96,11 +104,10 @@ def cmd_tune(args) -> int:
 
     try:
         space = SearchSpace(
-            hidden=tuple(int(v) for v in args.hidden_range), lr=args.lr_range, dropout=args.dropout_range,
-            batch_size=tuple(int(v) for v in args.batch_range),
-            look_back=tuple(int(v) for v in args.look_back_range))
+            hidden=_int_pair(args.hidden_range), lr=args.lr_range, dropout=args.dropout_range,
+            batch_size=_int_pair(args.batch_range), look_back=_int_pair(args.look_back_range))
         tune(Path(args.data), Path(args.out), trials=args.trials, timeout=args.timeout, space=space,
-             base=_train_options(args, defaults={"epochs": 30}), quiet=args.quiet)
+             base=_train_options(args, defaults={"epochs": TUNE_EPOCHS}), quiet=args.quiet)
     except OptionsError as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -185,7 +192,13 @@ def cmd_eval(args) -> int:
     from faultwatch.bench.evaluate import run_nab, run_skab
 
     spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs), ("score_span", args.span),
-                              ("quantile", args.quantile), ("factor", args.factor)) if v is not None}
+                              ("quantile", args.quantile), ("factor", args.factor),
+                              ("device", args.device), ("precision", args.precision)) if v is not None}
+    if args.device is not None or args.precision is not None:
+        from faultwatch.train.device import resolve_device
+
+        # Refused here, in one line, rather than once per file in the worker processes.
+        resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
     options = EvalOptions(spec=spec, baselines=not args.no_baselines, reports=not args.no_reports,
                           headline="lstm" if args.threshold == "static" else "lstm-dynamic",
                           **({"train_rows": args.train_rows} if args.benchmark == "skab" else {}))
@@ -207,41 +220,44 @@ def _pair(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _int_pair(pair: tuple[float, float]) -> tuple[int, int]:
+    return int(pair[0]), int(pair[1])
+
+
 def _train_option_flags(p: argparse.ArgumentParser, tune: bool = False) -> None:
-    """The options of faultwatch.train.options.TrainOptions. Defaults are SUPPRESSed on the parser
-    (only flags given reach the handler, so they can override --config); the help states the
-    recipe's defaults, which live in TrainOptions."""
+    """One flag per field of faultwatch.train.options.TrainOptions (torch-free), its help and
+    default read from the field. Defaults are SUPPRESSed on the parser (only flags given reach
+    the handler, so they can override --config); the help shows the dataclass default."""
     p.add_argument("--config", default=None, help="JSON/TOML file of these options (e.g. tune's best.json)")
     p.add_argument("--quiet", action="store_true", default=False, help="print nothing")
-    p.add_argument("--hidden", type=_ints, help="recurrent layer sizes (128,64)"
-                   + ("; the base trial, as are --lr --dropout --batch-size --look-back" if tune else ""))
-    p.add_argument("--dense", type=int, help="hidden dense layer before the output, 0 = none (32)")
-    p.add_argument("--dropout", type=float, help="after each recurrent layer (0.3)")
-    p.add_argument("--cell", choices=("lstm", "gru"), help="(lstm)")
-    p.add_argument("--peephole", action="store_true", help="LSTM gates also see the cell state")
-    p.add_argument("--bidirectional", action="store_true",
-                   help="BiLSTM/BiGRU for offline scoring; implies --windowed; cannot be exported to stream")
-    p.add_argument("--recurrent-dropout", type=float, help="variational dropout on h between steps (0)")
-    p.add_argument("--zoneout", type=float, help="probability a unit keeps its previous state (0)")
-    p.add_argument("--max-norm", type=float, help="cap on each weight row's L2 norm, 0 = off (0)")
-    p.add_argument("--mode", choices=("stateful", "windowed"), help="(stateful)")
+    shown = {"epochs": TUNE_EPOCHS} if tune else {}
+    kinds: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "tuple[int, ...]": _ints,
+                                              "tuple[str, ...]": _names, "tuple[str, ...] | None": _names}
+    for f in fields(TrainOptions):
+        text = f"{f.metadata['help']} ({TrainOptions.default_text(f.name, shown.get(f.name))})"
+        if tune and f.name == "epochs":
+            text = f"{f.metadata['help']}, per trial ({TUNE_EPOCHS}; train's default {f.default})"
+        if tune and f.name == "hidden":
+            text += "; the base trial, as are --lr --dropout --batch-size --look-back"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=text)
+        elif "choices" in f.metadata:
+            p.add_argument(flag, choices=f.metadata["choices"], help=text)
+        else:
+            p.add_argument(flag, type=kinds.get(str(f.type), str), help=text)
     p.add_argument("--stateful", dest="mode", action="store_const", const="stateful",
-                   help="truncated BPTT carrying the state across chunks (the default)")
+                   help="same as --mode stateful")
     p.add_argument("--windowed", dest="mode", action="store_const", const="windowed",
-                   help="the recipe's independent look-back windows")
-    p.add_argument("--look-back", type=int, help="window or chunk length (60)")
-    p.add_argument("--batch-size", type=int, help="(32)")
-    p.add_argument("--epochs", type=int, help="at most (tune: per trial, 30)" if tune else "at most (100)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
-    p.add_argument("--patience", type=int, help="early stopping, epochs without improvement (10)")
-    p.add_argument("--lr-patience", type=int, help="flat epochs before the LR drops tenfold (5)")
-    p.add_argument("--seed", type=int, help="same seed, same machine → same weights (0)")
-    p.add_argument("--threads", type=int, help="torch threads while training, 0 = torch's default (1)")
-    p.add_argument("--features", type=_names, help="input columns (default: all numeric but labels)")
-    p.add_argument("--exclude", type=_names, help="columns never used as inputs")
-    p.add_argument("--target", type=_names, help="forecast these channels (default: all features)")
-    p.add_argument("--val-fraction", type=float, help="last part of each device validates (0.2)")
-    p.add_argument("--scaler", choices=("minmax", "standard"), help="fitted on the training part (minmax)")
+                   help="same as --mode windowed")
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --precision for commands that train without the rest of TrainOptions' flags."""
+    for name in ("device", "precision"):
+        f = TrainOptions.__dataclass_fields__[name]
+        p.add_argument(f"--{name}", choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} ({TrainOptions.default_text(name)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exported model precision (int8)")
         q.add_argument("--jobs", type=int, default=0, help="worker processes (0 = one per core)")
         q.add_argument("--epochs", type=int, help="training epochs per file, at most (80)")
+        _device_flags(q)
         q.add_argument("--span", type=int, help="EWMA span of the score (20)")
         q.add_argument("--quantile", type=float, help="threshold quantile of training scores (0.995)")
         q.add_argument("--factor", type=float, help="threshold = factor × quantile (2.5)")
@@ -353,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller counts, under a minute (CI smoke)")
     p.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     p.add_argument("--run-dir", help="bench this training run instead of training one")
-    p.add_argument("--hidden", type=_ints, default=(128, 64), help="LSTM sizes of the trained model")
-    p.add_argument("--dense", type=int, default=32)
+    p.add_argument("--hidden", type=_ints, default=TrainOptions.hidden,
+                   help=f"LSTM sizes of the trained model ({TrainOptions.default_text('hidden')})")
+    p.add_argument("--dense", type=int, default=TrainOptions.dense, help=f"({TrainOptions.dense})")
     p.add_argument("--workdir", help="keep models, logs and broker files here (default: temporary)")
     p.add_argument("--no-daemon", action="store_true", help="skip the end-to-end daemon part")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon during a throughput drain")
@@ -380,6 +398,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, OSError, ContractError, CsvError, ModelError]
     for module, name in (("faultwatch.runtime.daemon.config", "ConfigError"),
                          ("faultwatch.train.checkpoint", "CheckpointError"),
+                         ("faultwatch.train.device", "DeviceError"),
                          ("faultwatch.export.onnx_graph", "ExportError"),
                          ("faultwatch.bench.evaluate", "EvalError")):
         mod = sys.modules.get(module)  # only what the handler already imported: never pull in torch

@@ -1,7 +1,9 @@
 """Checkpoints are plain data: tensors, numbers, strings, lists and dicts.
 
 Nothing is pickled as an object, so :func:`load_checkpoint` reads them with
-``weights_only=True``. This is the one loader; export and tests use it.
+``weights_only=True``. This is the one loader; export and tests use it. Tensors
+are saved on the CPU and loaded with ``map_location="cpu"``, so a checkpoint
+trained on a GPU reads, exports and runs on a machine without one.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "model_args": result.model.config.to_dict(),
-        "state_dict": result.model.state_dict(),
+        # On the CPU whatever the model trained on: a CUDA-trained run loads and exports anywhere.
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "features": list(prepared.features),
         "targets": list(prepared.targets),
         "scaler": {"kind": prepared.scaler.kind, "offset": list(prepared.scaler.offset),

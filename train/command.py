@@ -12,6 +12,7 @@ from faultwatch.runtime.offline.csvdata import Table, read_csv
 from faultwatch.runtime.version import VERSION
 from faultwatch.train.checkpoint import save_checkpoint
 from faultwatch.train.data import Prepared, prepare
+from faultwatch.train.device import resolve_device
 from faultwatch.train.fit import TrainConfig, fit
 from faultwatch.train.model import ForecasterConfig
 from faultwatch.train.options import TrainOptions
@@ -45,10 +46,13 @@ def train_with_options(csv_path: Path, run_dir: Path, options: TrainOptions, *, 
                        stream: TextIO | None = None) -> dict:
     """Train on ``csv_path`` with ``options`` and save the run; returns the training report."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=stream, flush=True))
+    device = resolve_device(options.device, options.precision)  # refuse before reading any data
     table, prepared = load_data(csv_path, options)
     say(f"data: {len(table.timestamps)} rows, {len(prepared.series)} device(s), "
         f"{len(prepared.features)} features, {len(prepared.targets)} targets, "
         f"{prepared.n_interpolated} missing cells interpolated")
+    say(f"training on {device} ({options.precision}), {options.batch_size} "
+        + ("streams" if options.mode == "stateful" else "windows per batch"))
     mconfig, tconfig = model_config(options, prepared), loop_config(options)
     bar = EpochProgress(tconfig.epochs, stream, quiet=quiet)
     result = fit(prepared, mconfig, tconfig, progress=bar.end_epoch, on_batch=bar.batch)
@@ -57,6 +61,7 @@ def train_with_options(csv_path: Path, run_dir: Path, options: TrainOptions, *, 
         "best_epoch": result.best_epoch, "val_loss": result.best_val_loss,
         "val_loss_streamed": result.val_loss_streamed, "val_loss_windowed": result.val_loss_windowed,
         "mode": tconfig.mode, "faultwatch_version": VERSION, "seed": tconfig.seed,
+        "device": result.device, "precision": tconfig.precision,
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = save_checkpoint(run_dir, result, prepared, tconfig, provenance)
@@ -75,6 +80,7 @@ def train_with_options(csv_path: Path, run_dir: Path, options: TrainOptions, *, 
         "val_loss_windowed": result.val_loss_windowed,
         "history": result.history,
         "seconds": round(result.seconds, 2),
+        "device": result.device,
         "interpolated_cells": prepared.n_interpolated,
         "data_sha256": table.sha256,
     }
@@ -94,20 +100,20 @@ def train_run(
     csv_path: Path,
     run_dir: Path,
     *,
-    hidden: tuple[int, ...] = (128, 64),
-    dense: int = 32,
-    dropout: float = 0.3,
-    cell: str = "lstm",
-    peephole: bool = False,
-    bidirectional: bool = False,
-    recurrent_dropout: float = 0.0,
-    zoneout: float = 0.0,
+    hidden: tuple[int, ...] = TrainOptions.hidden,
+    dense: int = TrainOptions.dense,
+    dropout: float = TrainOptions.dropout,
+    cell: str = TrainOptions.cell,
+    peephole: bool = TrainOptions.peephole,
+    bidirectional: bool = TrainOptions.bidirectional,
+    recurrent_dropout: float = TrainOptions.recurrent_dropout,
+    zoneout: float = TrainOptions.zoneout,
     train_config: TrainConfig | None = None,
     features: list[str] | None = None,
-    exclude: list[str] = (),
+    exclude: list[str] | tuple[str, ...] = TrainOptions.exclude,
     targets: list[str] | None = None,
-    val_fraction: float = 0.2,
-    scaler: str = "minmax",
+    val_fraction: float = TrainOptions.val_fraction,
+    scaler: str = TrainOptions.scaler,
     quiet: bool = False,
 ) -> dict:
     """Keyword form of :func:`train_with_options` (``train_config`` carries the loop's settings)."""

@@ -7,6 +7,7 @@ parts only, and missing cells are interpolated along time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,7 @@ def prepare(
     table: Table,
     *,
     features: list[str] | None = None,
-    exclude: list[str] = (),
+    exclude: Sequence[str] = (),
     targets: list[str] | None = None,
     val_fraction: float = 0.2,
     scaler_kind: str = "minmax",

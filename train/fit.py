@@ -15,6 +15,13 @@ forecast from the ``look_back`` readings before it, from a zero state — what
 the recipe measures. Early stopping watches the streamed error (the windowed one
 for a bidirectional model, which cannot stream), keeps the best weights, and
 the learning rate drops tenfold on plateaus.
+
+Devices (``--device``, :mod:`faultwatch.train.device`): the training data go to
+the device once, before the first epoch; the loss is summed on the device and
+read once per epoch (and every ``PROGRESS_EVERY`` batches for the progress
+bar), so a GPU is never stalled by a host round trip per batch. On CUDA the
+plain LSTM/GRU layers run cuDNN's fused kernels. The best weights come back on
+the CPU, so checkpoints and export never see a device.
 """
 
 from __future__ import annotations
@@ -27,26 +34,34 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from faultwatch.train.data import Prepared
+from faultwatch.train.device import autocast, model_device, resolve_device
 from faultwatch.train.model import Forecaster, ForecasterConfig
+from faultwatch.train.options import TrainOptions
 from torch import nn
 
 MODES = ("stateful", "windowed")
+#: The progress bar hears about every this many batches (each read is one host sync on a GPU).
+PROGRESS_EVERY = 32
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "stateful"  # or "windowed"
-    look_back: int = 60  # chunk length (stateful) or window length (windowed)
-    batch_size: int = 32
-    epochs: int = 100
-    lr: float = 1e-3
-    patience: int = 10  # early stopping, in epochs without improvement
-    lr_patience: int = 5  # ReduceLROnPlateau patience, factor 0.1
-    seed: int = 0
-    max_norm: float = 0.0  # > 0: each weight row's L2 norm is clipped to this after every step
+    """The loop's settings; defaults and meanings are TrainOptions' (faultwatch.train.options)."""
+
+    mode: str = TrainOptions.mode  # or "windowed"
+    look_back: int = TrainOptions.look_back  # chunk length (stateful) or window length (windowed)
+    batch_size: int = TrainOptions.batch_size  # stateful: the stream count
+    epochs: int = TrainOptions.epochs
+    lr: float = TrainOptions.lr
+    patience: int = TrainOptions.patience  # early stopping, in epochs without improvement
+    lr_patience: int = TrainOptions.lr_patience  # ReduceLROnPlateau patience, factor 0.1
+    seed: int = TrainOptions.seed
+    max_norm: float = TrainOptions.max_norm  # > 0: each weight row's L2 norm is clipped after every step
     #: torch intra-op threads while training (0 = torch's default). One is the default because these
     #: models are small: on this 2-core machine, under load, 2 threads made an epoch 8× slower.
-    threads: int = 1
+    threads: int = TrainOptions.threads
+    device: str = TrainOptions.device  # auto, cpu, cuda, cuda:N
+    precision: str = TrainOptions.precision  # fp32, or bf16 autocast (CUDA only)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +78,7 @@ class TrainResult:
     seconds: float = 0.0
     val_loss_streamed: float | None = None  # of the best weights; None for a bidirectional model
     val_loss_windowed: float | None = None
+    device: str = "cpu"  # where it trained (the model itself is returned on the CPU)
 
 
 def _streams(prepared: Prepared, batch_size: int, chunk: int) -> torch.Tensor:
@@ -105,10 +121,11 @@ def streamed_residuals(model: Forecaster, prepared: Prepared) -> list[np.ndarray
     model.eval()
     idx = list(model.config.target_index)
     out = []
+    device = model_device(model)
     for s in prepared.series:
-        x = torch.from_numpy(s.scaled).unsqueeze(0)  # [1, N, F]
+        x = torch.from_numpy(s.scaled).unsqueeze(0).to(device)  # [1, N, F]
         forecast, _ = model(x)  # [1, N, K]: forecast[t] is for reading t + 1
-        pred = forecast[0, s.split - 1:-1].numpy()
+        pred = forecast[0, s.split - 1:-1].float().cpu().numpy()
         out.append(s.scaled[s.split:, idx] - pred)
     return out
 
@@ -120,6 +137,7 @@ def windowed_residuals(model: Forecaster, prepared: Prepared, look_back: int,
     them, each forecast from exactly those readings and a zero state (the recipe's evaluation)."""
     model.eval()
     idx = list(model.config.target_index)
+    device = model_device(model)
     out = []
     for s in prepared.series:
         first = max(s.split, look_back)  # first validation reading with a full window
@@ -129,7 +147,7 @@ def windowed_residuals(model: Forecaster, prepared: Prepared, look_back: int,
         preds = []
         for b in range(0, len(windows), batch):
             x = torch.from_numpy(np.ascontiguousarray(windows[b:b + batch].transpose(0, 2, 1)))  # [b, L, F]
-            preds.append(model(x)[0][:, -1].numpy())
+            preds.append(model(x.to(device))[0][:, -1].float().cpu().numpy())
         out.append(s.scaled[first:, idx] - np.concatenate(preds))
     if not out:
         raise ValueError(f"no validation reading has look_back={look_back} readings before it")
@@ -160,6 +178,63 @@ def _validation_loss(model: Forecaster, prepared: Prepared, config: TrainConfig)
     return _mse(streamed_residuals(model, prepared))
 
 
+def make_step(model: Forecaster, optimiser: torch.optim.Optimizer,
+              max_norm: float) -> Callable[[torch.Tensor], None]:
+    """One optimiser step from a loss (backward outside autocast, as torch.amp asks)."""
+    def step(loss: torch.Tensor) -> None:
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if max_norm > 0:
+            _apply_max_norm(model, max_norm)
+    return step
+
+
+def stateful_pass(model: Forecaster, data: torch.Tensor, starts: range, look_back: int,
+                  step: Callable[[torch.Tensor], None], precision: str = "fp32",
+                  on_batch: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+    """Truncated BPTT over ``data`` [S, N, F] (S streams, on the model's device), one chunk of
+    ``look_back`` steps from each of ``starts``, the state carried (detached) from chunk to chunk.
+
+    Returns the summed chunk losses as a float64 tensor on the device: nothing here waits for
+    the device, except ``on_batch`` every ``PROGRESS_EVERY`` chunks and after the last.
+    """
+    loss_fn, idx = nn.MSELoss(), model.target_index
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    state = None
+    for done, t0 in enumerate(starts, 1):
+        x = data[:, t0:t0 + look_back]  # [S, L, F]
+        y = data[:, t0 + 1:t0 + look_back + 1].index_select(2, idx)  # [S, L, K]
+        with autocast(data.device, precision):
+            forecast, state = model(x[:, : y.shape[1]], state)  # [S, L, K]
+            loss = loss_fn(forecast, y)
+        step(loss)
+        state = [tuple(t.detach() for t in layer) for layer in state]
+        total += loss.detach()
+        if on_batch and (done % PROGRESS_EVERY == 0 or done == len(starts)):
+            on_batch(done, len(starts), float(total) / done)
+    return total
+
+
+def _windowed_pass(model: Forecaster, windows: torch.Tensor, nexts: torch.Tensor, order: torch.Tensor,
+                   config: TrainConfig, step: Callable[[torch.Tensor], None],
+                   on_batch: Callable[[int, int, float], None] | None) -> torch.Tensor:
+    """One epoch of the recipe: batches of ``windows`` [W, L, F] in ``order``, loss on the last step."""
+    loss_fn, idx = nn.MSELoss(), model.target_index
+    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+    n_batches = math.ceil(len(order) / config.batch_size)
+    for done, b in enumerate(range(0, len(order), config.batch_size), 1):
+        pick = order[b:b + config.batch_size]
+        with autocast(windows.device, config.precision):
+            forecast, _ = model(windows[pick])  # [b, L, K]; the recipe scores the last step
+            loss = loss_fn(forecast[:, -1], nexts[pick].index_select(1, idx))
+        step(loss)
+        total += loss.detach()
+        if on_batch and (done % PROGRESS_EVERY == 0 or done == n_batches):
+            on_batch(done, n_batches, float(total) / done)
+    return total
+
+
 def fit(
     prepared: Prepared,
     model_config: ForecasterConfig,
@@ -169,79 +244,59 @@ def fit(
     init: Forecaster | None = None,
 ) -> TrainResult:
     """Train; ``progress(row)`` after every epoch (it may raise to stop, as tune's pruner does),
-    ``on_batch(done, total, loss)`` after every batch.
+    ``on_batch(done, total, mean loss so far)`` every ``PROGRESS_EVERY`` batches and after the last.
 
     ``init``: fine-tune this model instead of starting from random weights; its own
     validation loss is the one to beat, so fine-tuning never returns a worse model.
+    The returned model is on the CPU, whatever ``config.device``.
     """
+    device = resolve_device(config.device, config.precision)
     previous_threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _fit(prepared, model_config, config, progress, on_batch, init)
+        return _fit(prepared, model_config, config, device, progress, on_batch, init)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _fit(prepared, model_config, config, progress, on_batch, init) -> TrainResult:
+def _fit(prepared, model_config, config, device, progress, on_batch, init) -> TrainResult:
     if model_config.bidirectional and config.mode == "stateful":
         raise ValueError("a bidirectional model trains on windows (--windowed): carrying its state "
                          "across chunks would need the backward pass to see readings from the future")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # seeds CUDA's generators too
     rng = np.random.default_rng(config.seed)
-    model = init if init is not None else Forecaster(model_config)
+    # Weights are initialised on the CPU, then moved: the same seed starts from the same weights
+    # on every device.
+    model = (init if init is not None else Forecaster(model_config)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.1, patience=config.lr_patience)
-    loss_fn = nn.MSELoss()
-    idx = model.target_index
+    step = make_step(model, optimiser, config.max_norm)
+    # The training data go to the device once: [S, N, F] streams, or [W, L, F] windows + [W, F].
     if config.mode == "stateful":
-        data = _streams(prepared, config.batch_size, config.look_back)
+        data = _streams(prepared, config.batch_size, config.look_back).to(device)
     else:
-        windows, nexts = _windows(prepared, config.look_back)
+        windows, nexts = (t.to(device) for t in _windows(prepared, config.look_back))
 
-    def step(loss: torch.Tensor) -> None:
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if config.max_norm > 0:
-            _apply_max_norm(model, config.max_norm)
-
-    best = (math.inf, 0, None)
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, 0, None)
     if init is not None:
         best = (_validation_loss(model, prepared, config), 0,
                 {k: v.clone() for k, v in model.state_dict().items()})
     history, started = [], time.monotonic()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        losses = []
         if config.mode == "stateful":
             # A random first-chunk offset per epoch so chunk boundaries move.
             starts = range(int(rng.integers(config.look_back)), data.shape[1] - 1, config.look_back)
-            state = None
-            for t0 in starts:
-                x = data[:, t0:t0 + config.look_back]  # [S, L, F]
-                y = data[:, t0 + 1:t0 + config.look_back + 1].index_select(2, idx)  # [S, L, K]
-                forecast, state = model(x[:, : y.shape[1]], state)
-                loss = loss_fn(forecast, y)
-                step(loss)
-                state = [tuple(t.detach() for t in layer) for layer in state]
-                losses.append(loss.item())
-                if on_batch:
-                    on_batch(len(losses), len(starts), losses[-1])
+            loss_sum, batches = stateful_pass(model, data, starts, config.look_back, step,
+                                              config.precision, on_batch), len(starts)
         else:
-            order = torch.from_numpy(rng.permutation(len(windows)))
-            n_batches = math.ceil(len(order) / config.batch_size)
-            for b in range(0, len(order), config.batch_size):
-                pick = order[b:b + config.batch_size]
-                forecast, _ = model(windows[pick])  # [b, L, K]; the recipe scores the last step
-                loss = loss_fn(forecast[:, -1], nexts[pick].index_select(1, idx))
-                step(loss)
-                losses.append(loss.item())
-                if on_batch:
-                    on_batch(len(losses), n_batches, losses[-1])
+            order = torch.from_numpy(rng.permutation(len(windows))).to(device)
+            loss_sum = _windowed_pass(model, windows, nexts, order, config, step, on_batch)
+            batches = math.ceil(len(order) / config.batch_size)
         val_loss = _validation_loss(model, prepared, config)
         plateau.step(val_loss)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+        row = {"epoch": epoch, "train_loss": float(loss_sum) / batches, "val_loss": val_loss,
                "lr": optimiser.param_groups[0]["lr"]}
         history.append(row)
         if val_loss < best[0]:
@@ -255,5 +310,5 @@ def _fit(prepared, model_config, config, progress, on_batch, init) -> TrainResul
     model.load_state_dict(best[2])
     model.eval()
     streamed, windowed = validation_losses(model, prepared, config.look_back)
-    return TrainResult(model, best[0], best[1], len(history), history, time.monotonic() - started,
-                       val_loss_streamed=streamed, val_loss_windowed=windowed)
+    return TrainResult(model.cpu(), best[0], best[1], len(history), history, time.monotonic() - started,
+                       val_loss_streamed=streamed, val_loss_windowed=windowed, device=str(device))

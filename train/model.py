@@ -28,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from faultwatch.train.options import TrainOptions
 from torch import nn
 
 #: Per layer: (h, c) for an LSTM, (h,) for a GRU; each [D, B, H_i] (D = 2 when bidirectional).
@@ -38,18 +39,19 @@ CELLS = ("lstm", "gru")
 
 @dataclass
 class ForecasterConfig:
-    """Constructor arguments; saved in the checkpoint as plain data (``asdict``)."""
+    """Constructor arguments; saved in the checkpoint as plain data (``asdict``). Defaults are
+    the recipe's, from TrainOptions (faultwatch.train.options)."""
 
     n_features: int
     target_index: tuple[int, ...]  # position of each forecast target among the features
-    hidden: tuple[int, ...] = (128, 64)
-    dense: int = 32  # 0 = no hidden dense layer
-    dropout: float = 0.3  # between layers and before the head, as in the recipe
-    cell: str = "lstm"  # or "gru"
-    peephole: bool = False  # LSTM only
-    bidirectional: bool = False  # offline scoring only: cannot stream
-    recurrent_dropout: float = 0.0  # variational: one mask on h per sequence, training only
-    zoneout: float = 0.0  # probability a unit keeps its previous h and c, training only
+    hidden: tuple[int, ...] = TrainOptions.hidden
+    dense: int = TrainOptions.dense  # 0 = no hidden dense layer
+    dropout: float = TrainOptions.dropout  # between layers and before the head, as in the recipe
+    cell: str = TrainOptions.cell  # or "gru"
+    peephole: bool = TrainOptions.peephole  # LSTM only
+    bidirectional: bool = TrainOptions.bidirectional  # offline scoring only: cannot stream
+    recurrent_dropout: float = TrainOptions.recurrent_dropout  # variational: one mask on h per sequence
+    zoneout: float = TrainOptions.zoneout  # probability a unit keeps its previous h and c, training only
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -100,14 +102,15 @@ class Recurrent(nn.Module):
         if peephole:
             # [D, 3, H]: weights on the cell state for the (input, forget, output) gates.
             bound = 1.0 / math.sqrt(hidden)
-            self.peephole = nn.Parameter(torch.empty(self.directions, 3, hidden).uniform_(-bound, bound))
+            self.peephole: nn.Parameter | None = nn.Parameter(
+                torch.empty(self.directions, 3, hidden).uniform_(-bound, bound))
         else:
             self.peephole = None
         #: Export sets this: run the fused kernel, the peephole term is patched into the ONNX graph.
         self.fused_for_export = False
 
-    def zero_state(self, batch: int) -> tuple[torch.Tensor, ...]:
-        zeros = torch.zeros(self.directions, batch, self.hidden_size)
+    def zero_state(self, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        zeros = torch.zeros(self.directions, batch, self.hidden_size, device=device)
         return (zeros, zeros.clone()) if self.cell == "lstm" else (zeros,)
 
     def needs_unrolled(self) -> bool:
@@ -190,6 +193,8 @@ class Recurrent(nn.Module):
 
 
 class Forecaster(nn.Module):
+    target_index: torch.Tensor  # [K] long, a buffer: where each target sits among the features
+
     """Next-step forecaster.
 
     The head predicts the *change* from the current reading of each target
@@ -211,6 +216,7 @@ class Forecaster(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         n_targets = len(config.target_index)
+        self.head: nn.Module
         if config.dense > 0:
             self.head = nn.Sequential(
                 nn.Linear(sizes[-1], config.dense),
@@ -221,13 +227,17 @@ class Forecaster(nn.Module):
             self.head = nn.Linear(sizes[-1], n_targets)
         self.register_buffer("target_index", torch.tensor(config.target_index, dtype=torch.long))
 
-    def zero_state(self, batch: int) -> State:
-        return [rnn.zero_state(batch) for rnn in self.rnns]
+    def zero_state(self, batch: int, device: torch.device | None = None) -> State:
+        return [rnn.zero_state(batch, device) for rnn in self.recurrent_layers()]
+
+    def recurrent_layers(self) -> list[Recurrent]:
+        """``self.rnns``, typed (a ModuleList's items read as plain Modules)."""
+        return [rnn for rnn in self.rnns if isinstance(rnn, Recurrent)]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: [B, T, F] scaled readings → forecast [B, T, K] of the next reading, new state."""
         if state is None:
-            state = self.zero_state(x.shape[0])
+            state = self.zero_state(x.shape[0], x.device)
         out, new_state = x, []
         for rnn, layer_state in zip(self.rnns, state, strict=True):
             out, layer_state = rnn(out, layer_state)  # out: [B, T, D·H_i]
@@ -243,7 +253,7 @@ class Forecaster(nn.Module):
     def parameter_table(self) -> list[tuple[str, int]]:
         """(layer name, parameter count) per top-level layer, for the training report."""
         rows = []
-        for i, rnn in enumerate(self.rnns):
+        for i, rnn in enumerate(self.recurrent_layers()):
             kind = ("peephole-" if rnn.peephole is not None else "") + rnn.cell
             arrow = f"{rnn.input_size}→{'2×' if rnn.directions == 2 else ''}{rnn.hidden_size}"
             rows.append((f"{'bi' if rnn.directions == 2 else ''}{kind}{i} ({arrow})",

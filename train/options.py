@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +21,58 @@ class OptionsError(ValueError):
     """A training option is unknown or out of range; the message names it."""
 
 
+#: ``--device``: ``auto`` (CUDA when torch sees it), ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _opt(default: Any, text: str, **extra: Any) -> Any:
+    """A field with the help text its ``faultwatch train`` flag shows (the default is added there)."""
+    return field(default=default, metadata={"help": text, **extra})
+
+
 @dataclass(frozen=True)
 class TrainOptions:
+    """The one place each option's default and meaning live: the CLI builds its flags and help
+    from these fields, and TrainConfig, ForecasterConfig's callers and BenchSpec read the defaults.
+
+    Metadata: ``help`` (the flag's help), ``choices``, ``default_text`` (how a None default reads).
+    """
+
     # The network: LSTM(128) → Dropout(0.3) → LSTM(64) → Dropout(0.3) → Dense(32, ReLU) → Dense(n).
-    hidden: tuple[int, ...] = (128, 64)
-    dense: int = 32
-    dropout: float = 0.3
-    cell: str = "lstm"
-    peephole: bool = False
-    bidirectional: bool = False
-    recurrent_dropout: float = 0.0
-    zoneout: float = 0.0
-    max_norm: float = 0.0
+    hidden: tuple[int, ...] = _opt((128, 64), "recurrent layer sizes, comma-separated")
+    dense: int = _opt(32, "hidden dense layer before the output, 0 = none")
+    dropout: float = _opt(0.3, "after each recurrent layer")
+    cell: str = _opt("lstm", "recurrent cell", choices=("lstm", "gru"))
+    peephole: bool = _opt(False, "LSTM gates also see the cell state")
+    bidirectional: bool = _opt(False, "BiLSTM/BiGRU for offline scoring; implies --windowed; "
+                                      "cannot be exported to stream")
+    recurrent_dropout: float = _opt(0.0, "variational dropout on h between steps")
+    zoneout: float = _opt(0.0, "probability a unit keeps its previous state")
+    max_norm: float = _opt(0.0, "cap on each weight row's L2 norm, 0 = off")
     # The loop: Adam, MSE, batch 32, ≤ 100 epochs, early stop after 10, LR × 0.1 after 5 flat.
-    mode: str = "stateful"
-    look_back: int = 60
-    batch_size: int = 32
-    epochs: int = 100
-    lr: float = 1e-3
-    patience: int = 10
-    lr_patience: int = 5
-    seed: int = 0
-    threads: int = 1  # torch intra-op threads, 0 = torch's default
+    mode: str = _opt("stateful", "stateful: truncated BPTT carrying the state across chunks; "
+                                 "windowed: the recipe's independent look-back windows",
+                     choices=("stateful", "windowed"))
+    look_back: int = _opt(60, "window or chunk length")
+    batch_size: int = _opt(32, "windowed: windows per batch. Stateful: the stream count, the number of "
+                               "contiguous pieces the series are cut into and trained side by side; more "
+                               "streams keep a GPU busy (1,024+) but make each stream shorter, so an epoch "
+                               "has fewer optimiser steps and carries the state over fewer chunks")
+    epochs: int = _opt(100, "at most")
+    lr: float = _opt(1e-3, "Adam learning rate")
+    patience: int = _opt(10, "early stopping, epochs without improvement")
+    lr_patience: int = _opt(5, "flat epochs before the LR drops tenfold")
+    seed: int = _opt(0, "same seed, same device → same weights (CUDA: see the README)")
+    threads: int = _opt(1, "torch CPU threads while training, 0 = torch's default")
+    device: str = _opt("auto", "auto (CUDA when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    precision: str = _opt("fp32", "bf16: autocast on CUDA (refused on the CPU)", choices=PRECISIONS)
     # The data.
-    features: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    target: tuple[str, ...] | None = None
-    val_fraction: float = 0.2
-    scaler: str = "minmax"
+    features: tuple[str, ...] | None = _opt(None, "input columns", default_text="all numeric but labels")
+    exclude: tuple[str, ...] = _opt((), "columns never used as inputs", default_text="none")
+    target: tuple[str, ...] | None = _opt(None, "forecast these channels", default_text="all features")
+    val_fraction: float = _opt(0.2, "last part of each device validates")
+    scaler: str = _opt("minmax", "fitted on the training part", choices=("minmax", "standard"))
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> OptionsError:
@@ -68,10 +93,12 @@ class TrainOptions:
             raise bad("max_norm", "must be 0 (off) or positive")
         if not 0.0 < self.val_fraction < 1.0:
             raise bad("val_fraction", "must be in (0, 1)")
-        for key, allowed in (("cell", ("lstm", "gru")), ("mode", ("stateful", "windowed")),
-                             ("scaler", ("minmax", "standard"))):
-            if getattr(self, key) not in allowed:
-                raise bad(key, "must be one of " + ", ".join(allowed))
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise bad(f.name, "must be one of " + ", ".join(allowed))
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise bad("device", "must be auto, cpu, cuda or cuda:N")
         if self.peephole and self.cell != "lstm":
             raise OptionsError("peephole: peepholes are an LSTM variant, not available with --cell gru")
         if self.bidirectional and self.mode == "stateful":
@@ -85,7 +112,7 @@ class TrainOptions:
         ``bidirectional`` without a ``mode`` implies windowed training, the only kind it has.
         """
         prefix = f"{source}: " if source else ""
-        types = {f.name: f.type for f in fields(cls)}
+        types = {f.name: str(f.type) for f in fields(cls)}
         changes = {}
         for key, value in values.items():
             key = key.replace("-", "_")
@@ -98,6 +125,22 @@ class TrainOptions:
             return cls(**changes)
         except OptionsError as exc:
             raise OptionsError(f"{prefix}{exc}") from None
+
+    @classmethod
+    def default_text(cls, name: str, default: Any = None) -> str:
+        """How a flag's help shows its default: ``128,64``, ``0.001``, ``off``; ``default``
+        overrides the field's (tune trains fewer epochs per trial)."""
+        f = cls.__dataclass_fields__[name]
+        value = f.default if default is None else default
+        if value is None or (value == () and "default_text" in f.metadata):
+            return str(f.metadata["default_text"])
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON; None (= all columns) is left out."""

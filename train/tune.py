@@ -23,6 +23,7 @@ from typing import TextIO
 
 import optuna
 from faultwatch.train.command import load_data, loop_config, model_config
+from faultwatch.train.device import resolve_device
 from faultwatch.train.fit import fit
 from faultwatch.train.options import OptionsError, TrainOptions
 
@@ -63,7 +64,7 @@ def _layers(base: tuple[int, ...], first: int) -> tuple[int, ...]:
     return tuple(max(1, round(first * h / base[0])) for h in base)
 
 
-def _suggest(trial: optuna.Trial, base: TrainOptions, space: SearchSpace) -> TrainOptions:
+def _suggest(trial: optuna.trial.BaseTrial, base: TrainOptions, space: SearchSpace) -> TrainOptions:
     first = trial.suggest_int("hidden", *space.hidden, log=True)
     return replace(
         base,
@@ -93,9 +94,11 @@ def tune(
     if trials < 1:
         raise OptionsError(f"trials: need at least 1, got {trials}")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=stream, flush=True))
+    # Refused here, once: inside a trial a DeviceError (a ValueError) would only fail that trial.
+    device = resolve_device(base.device, base.precision)
     table, prepared = load_data(csv_path, base)
     say(f"data: {len(table.timestamps)} rows, {len(prepared.series)} device(s), "
-        f"{len(prepared.features)} features; {trials} trial(s) of up to {base.epochs} epochs")
+        f"{len(prepared.features)} features; {trials} trial(s) of up to {base.epochs} epochs on {device}")
 
     def objective(trial: optuna.Trial) -> float:
         options = _suggest(trial, base, space)
@@ -160,7 +163,7 @@ def tune(
         "config_path": str(out_dir / "best.json"),
     }
     (out_dir / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    baseline = summary["baseline_val_loss"]
+    baseline = first.value if baseline_enqueued else None
     versus = "" if baseline is None or not math.isfinite(baseline) else \
         f" (base configuration, trial 1: {baseline:.3e})"
     say(f"best: trial {best.number + 1}, val {best.value:.3e}{versus} → {out_dir / 'best.json'}; "

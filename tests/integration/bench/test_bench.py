@@ -92,6 +92,25 @@ def test_artifacts(bench):
     assert all(_positive(rmse[m]) for m in ("torch", *modes))
 
 
+def test_training_rows_per_device_and_stream_count(bench):
+    t = bench["training"]
+    assert t["network"] == {"hidden": [128, 64], "dense": 32, "features": 8, "chunk": 60}
+    cases = {(r["device"].split(":")[0], r["threads"], r["streams"], r["precision"]) for r in t["rows"]}
+    for threads in {1, t["cpu_threads_all"]}:
+        assert {("cpu", threads, 32, "fp32"), ("cpu", threads, 256, "fp32")} <= cases
+    for r in t["rows"]:
+        assert _positive(r["rows_per_s"]) and _positive(r["seconds"]) and math.isfinite(r["loss"]), r
+        assert r["rows"] == r["streams"] * 60 * r["chunks"]
+    cuda = [c for c in cases if c[0] == "cuda"]
+    if t["cuda_device"] is None:  # CUDA is measured exactly where torch sees it
+        assert cuda == [] and "no CUDA device" in t["cuda_note"]
+    else:
+        expected = {(s, p) for s in (32, 256, 1024, 4096) for p in ("fp32", "bf16")}
+        assert {(s, p) for _, _, s, p in cuda} == expected
+        names = [x["name"] for x in bench["targets"]]
+        assert "training, CUDA 1,024 streams" in names
+
+
 def test_targets_are_reported(bench):
     names = [t["name"] for t in bench["targets"]]
     assert len(names) >= 9
@@ -101,7 +120,7 @@ def test_targets_are_reported(bench):
 
 
 def test_batch1_bounds_follow_from_the_call_floor():
-    from faultwatch.bench.speed import batch1_bounds
+    from faultwatch.bench.speed_window import batch1_bounds
 
     # floor 7 µs per call, 3 µs (fp32) and 1.5 µs (int8) per step inside it:
     # re-windowing 7 + 60 × 1.5 = 97 vs streaming 8.5; fp32 10 vs int8 8.5.
