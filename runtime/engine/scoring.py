@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from faultwatch.runtime.engine.devices import SlotArrays
 
+_FLOAT_MAX = np.finfo(np.float64).max
+
 
 def ewma_variance(span: int) -> float:
     """Variance of the EWMA (of the given span) of unit white noise, in steady state."""
@@ -105,23 +107,42 @@ class Scorer:
     def update(self, slots, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """residuals [B, K] (NaN = not measured) → score [B], contributions [B, K], ready [B].
 
+        ``slots`` [B] are distinct: one reading per device and call.
+
         ``contributions[b, k]`` is channel k's part of score² (NaN when not measured);
         they sum to score² over the measured channels.
         """
         slots = np.asarray(slots)
+        arrays = self.per_device.arrays
         z = residuals / self.residual_std  # [B, K]
+        m = arrays["score_smoothed"][slots]
+        finite = np.isfinite(z)
+        if np.count_nonzero(finite) == finite.size:
+            # Every channel measured, and finite (the usual reading): the arithmetic below without
+            # its masks, same numbers, half the numpy calls (what a reading costs at small batches).
+            smoothed = self.alpha * z + (1.0 - self.alpha) * m
+            arrays["score_smoothed"][slots] = smoothed
+            contrib = (smoothed / self.noise) ** 2 / z.shape[1]
+            score = np.sqrt(contrib.sum(axis=1))
+            arrays["score"][slots] = score
+            seen = arrays["score_seen"][slots] + 1  # slots are distinct within a call
+            arrays["score_seen"][slots] = seen
+            return score, contrib, seen > self.warmup
         measured = ~np.isnan(z)
-        m = self.smoothed[slots]
-        m = np.where(measured, self.alpha * np.nan_to_num(z) + (1.0 - self.alpha) * m, m)
-        self.smoothed[slots] = m
+        # z.clip: nan_to_num's ±inf → ±max without its per-call cost (NaN stays, and is not taken).
+        m = np.where(measured, self.alpha * z.clip(-_FLOAT_MAX, _FLOAT_MAX) + (1.0 - self.alpha) * m, m)
+        arrays["score_smoothed"][slots] = m
         count = measured.sum(axis=1)  # [B]
         contrib = np.where(measured, (m / self.noise) ** 2, np.nan) / np.maximum(count, 1)[:, None]
-        score = np.sqrt(np.nansum(contrib, axis=1))
+        # The sum over the measured channels (contrib is NaN exactly where not measured: nansum).
+        score = np.sqrt(np.where(measured, contrib, 0.0).sum(axis=1))
         # A reading with nothing measured leaves the score where it was.
-        score = np.where(count > 0, score, self.score[slots])
-        self.score[slots] = score
-        self.seen[slots] += count > 0
-        return score, contrib, self.seen[slots] > self.warmup
+        scored = count > 0
+        score = np.where(scored, score, arrays["score"][slots])
+        arrays["score"][slots] = score
+        seen = arrays["score_seen"][slots] + scored
+        arrays["score_seen"][slots] = seen
+        return score, contrib, seen > self.warmup
 
 
 class FaultDetector:
@@ -184,16 +205,17 @@ class FaultDetector:
     def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None) -> np.ndarray:
         """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8."""
         slots = np.asarray(slots)
+        arrays = self.per_device.arrays
         flags = np.asarray(anomalous, dtype=bool)
         calm = ~flags if calm is None else np.asarray(calm, dtype=bool) & ~flags
-        history = ((self.history[slots] << 1) | flags) & self.mask
-        self.history[slots] = history
-        normal_run = np.where(calm, self.normal_run[slots] + 1, 0)
-        self.normal_run[slots] = normal_run
-        active = self.active[slots]
+        history = ((arrays["fault_history"][slots] << 1) | flags) & self.mask
+        arrays["fault_history"][slots] = history
+        normal_run = (arrays["fault_normal_run"][slots] + 1) * calm  # 0 where not calm
+        arrays["fault_normal_run"][slots] = normal_run
+        active = arrays["fault_active"][slots]
         raised = ~active & (np.bitwise_count(history) >= self.raise_k)
         cleared = active & (normal_run >= self.clear_m)
-        self.active[slots] = (active | raised) & ~cleared
+        arrays["fault_active"][slots] = (active | raised) & ~cleared
         return raised.astype(np.int8) - cleared.astype(np.int8)
 
 
