@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,4 +49,24 @@ class Output(NamedTuple):
     threshold: float = float("nan")  # what the score was compared with (per device when dynamic)
 
 
-__all__ = ["FaultEvent", "Output", "Reading"]
+def top_channels(contrib: np.ndarray, reading: np.ndarray, forecast: np.ndarray, targets: Sequence[str],
+                 n: int) -> tuple[dict, ...]:
+    """The ``n`` channels with the largest part of the score, largest first, for a raised event.
+
+    ``contrib`` [K] each target channel's part of score² (0 where not measured), ``reading`` and
+    ``forecast`` [K] in raw units. Channels with no part are left out.
+
+    >>> top = top_channels(np.array([1.0, 3.0, 0.0]), np.array([5.0, 7.0, 9.0]),
+    ...                    np.array([5.5, 6.0, 9.0]), ["a", "b", "c"], 2)
+    >>> [(c["channel"], c["reading"], c["forecast"], c["share"]) for c in top]
+    [('b', 7.0, 6.0, 0.75), ('a', 5.0, 5.5, 0.25)]
+    """
+    total = contrib.sum() or 1.0
+    return tuple(
+        {"channel": targets[k], "reading": float(reading[k]), "forecast": float(forecast[k]),
+         "share": round(float(contrib[k] / total), 4)}
+        for k in np.argsort(-contrib)[:n] if contrib[k] > 0
+    )
+
+
+__all__ = ["FaultEvent", "Output", "Reading", "top_channels"]
