@@ -123,7 +123,7 @@ class Scorer:
             smoothed = self.alpha * z + (1.0 - self.alpha) * m
             arrays["score_smoothed"][slots] = smoothed
             contrib = (smoothed / self.noise) ** 2 / z.shape[1]
-            score = np.sqrt(contrib.sum(axis=1))
+            score = np.sqrt(np.add.reduce(contrib, axis=1))  # = contrib.sum(axis=1), one call less
             arrays["score"][slots] = score
             seen = arrays["score_seen"][slots] + 1  # slots are distinct within a call
             arrays["score_seen"][slots] = seen

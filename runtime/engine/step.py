@@ -90,10 +90,10 @@ class BatchStep:
         rare cases (gaps, missing values, fault episodes) only when present.
         """
         pd = self.per_device.arrays
-        has_prev = pd["has_prev"][slots]
-        if np.count_nonzero(has_prev & (ts - last >= self._late_s)):  # rare: a gap to reset or bridge
+        # Rare: a gap to reset or to bridge (or a new device: last = -inf; _catch_up leaves it be).
+        if np.count_nonzero(ts - last >= self._late_s):
             self._catch_up(slots, ts, last)
-            has_prev = pd["has_prev"][slots]
+        has_prev = pd["has_prev"][slots]
         raw = np.array([r.values for r in batch], dtype=np.float64)  # [B, F]
         scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
         finite = np.isfinite(raw)
