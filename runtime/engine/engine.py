@@ -109,7 +109,7 @@ class Engine:
         """Zero the model state of these slots; the next readings warm up again."""
         self.per_device.reset(slots)
 
-    def _slots(self, devices: list[str]) -> list[int]:
+    def _slots(self, devices: Sequence[str]) -> list[int]:
         """The slots of ``devices``, now the most recently seen; new devices start from the initial values."""
         slots, new, evicted = self.table.lookup_many(devices)
         if evicted:
@@ -173,12 +173,15 @@ class Engine:
         timestamp is dropped as ``out_of_order``.
         """
         n = len(readings)
+        if n == 0:
+            return []
         # A call never holds more devices than the cap: a new device looked up later in
         # the same call must not evict (and take the slot of) one already in it.
         size = min(self.settings.max_batch, self.settings.max_devices)
-        devices = [r.device for r in readings]
+        # By column (Reading is a tuple): one pass over the readings instead of one per field.
+        devices, times, values = zip(*readings, strict=True)
         if n <= size and len(set(devices)) == n:
-            return self._step(readings, devices) if n else []  # the usual call: one reading per device
+            return self._step(devices, times, values)  # the usual call: one reading per device
         outputs: list[Output | None] = [None] * n
         # Round r holds each device's r-th reading of this call.
         rounds: list[list[int]] = []
@@ -192,25 +195,27 @@ class Engine:
         for members in rounds:
             for b in range(0, len(members), size):
                 chunk = members[b:b + size]
-                step = self._step([readings[i] for i in chunk], [devices[i] for i in chunk])
+                step = self._step([devices[i] for i in chunk], [times[i] for i in chunk],
+                                  [values[i] for i in chunk])
                 for i, out in zip(chunk, step, strict=True):
                     outputs[i] = out
         return outputs
 
-    def _step(self, batch: Sequence[Reading], devices: list[str]) -> list[Output | None]:
-        """One onnxruntime call for readings of distinct ``devices`` (theirs, in order); a reading
-        not newer than its device's last one is dropped (None)."""
+    def _step(self, devices: Sequence[str], times: Sequence[float],
+              values: Sequence[np.ndarray]) -> list[Output | None]:
+        """One onnxruntime call for readings (by column) of distinct ``devices``; a reading not
+        newer than its device's last one is dropped (None)."""
         slots = np.array(self._slots(devices), dtype=np.intp)  # [B]
-        ts = np.array([r.ts for r in batch], dtype=np.float64)  # [B]
+        ts = np.array(times, dtype=np.float64)  # [B]
         last = self.per_device["last_ts"][slots]
         fresh = ts > last
         if all_set(fresh):
-            return list(self.stepper.run(batch, devices, slots, ts, last))
+            return list(self.stepper.run(devices, values, slots, ts, last))
         self.counters["out_of_order"] += int((~fresh).sum())
         keep = np.flatnonzero(fresh).tolist()
-        results: list[Output | None] = [None] * len(batch)
+        results: list[Output | None] = [None] * len(devices)
         if keep:
-            outputs = self.stepper.run([batch[i] for i in keep], [devices[i] for i in keep],
+            outputs = self.stepper.run([devices[i] for i in keep], [values[i] for i in keep],
                                        slots[keep], ts[keep], last[keep])
             for i, out in zip(keep, outputs, strict=True):
                 results[i] = out

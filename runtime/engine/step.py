@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from faultwatch.runtime.engine.devices import SlotArrays
-from faultwatch.runtime.engine.events import FaultEvent, Output, Reading, top_channels
+from faultwatch.runtime.engine.events import FaultEvent, Output, top_channels
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold
@@ -82,9 +82,10 @@ class BatchStep:
         self.dynamic = (None if dynamic is None
                         else DynamicThreshold(dynamic, self.threshold, per_device=per_device))
 
-    def run(self, batch: Sequence[Reading], devices: list[str], slots: np.ndarray, ts: np.ndarray,
-            last: np.ndarray) -> list[Output]:
-        """The engine step for readings newer than their devices' ``last`` [B] timestamps.
+    def run(self, devices: Sequence[str], values: Sequence[np.ndarray], slots: np.ndarray,
+            ts: np.ndarray, last: np.ndarray) -> list[Output]:
+        """The engine step for readings (by column: device ids, ``values`` [F] each, ``ts`` [B])
+        newer than their devices' ``last`` [B] timestamps; ``slots`` [B] the devices' slots.
 
         Bookkeeping is done in bulk: one numpy operation per array for the whole batch, the
         rare cases (gaps, missing values, fault episodes) only when present.
@@ -94,7 +95,7 @@ class BatchStep:
         if np.count_nonzero(ts - last >= self._late_s):
             self._catch_up(slots, ts, last)
         has_prev = pd["has_prev"][slots]
-        raw = np.array([r.values for r in batch], dtype=np.float64)  # [B, F]
+        raw = np.array(values, dtype=np.float64)  # [B, F]
         scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
         finite = np.isfinite(raw)
         missing = None if all_set(finite) else ~finite
@@ -113,7 +114,7 @@ class BatchStep:
         threshold: float | np.ndarray
         if self.dynamic is None:
             threshold = float(self.threshold)
-            thresholds = [threshold] * len(batch)
+            thresholds = [threshold] * len(devices)
         else:
             threshold = self.dynamic.current(slots)
             thresholds = threshold.tolist()
@@ -133,7 +134,7 @@ class BatchStep:
         self.counters["steps"] += 1
         self.counters["readings"] += len(slots)
         active = self.detector.active[slots]
-        events: list[FaultEvent | None] = [None] * len(batch)
+        events: list[FaultEvent | None] = [None] * len(devices)
         if np.count_nonzero(change) or np.count_nonzero(active):
             # Peak score of the running episode; kept after a clear so the cleared event reports it.
             peak = pd["fault_peak"][slots]
@@ -143,7 +144,7 @@ class BatchStep:
                 events[j] = self._event(devices[j], int(slots[j]), ts[j], change[j], score[j],
                                         thresholds[j], contrib[j], raw[j], residual[j], scaled[j])
         forecast_raw = forecast * self.target_scale + self.target_offset  # [B, K] raw units
-        imputed = [()] * len(batch) if missing is None else [
+        imputed = [()] * len(devices) if missing is None else [
             tuple(self.contract.features[f] for f in np.flatnonzero(row)) for row in missing]
         return list(map(Output, devices, ts.tolist(), forecast_raw, score.tolist(),
                         anomalous.tolist(), active.tolist(), events, imputed, thresholds))
