@@ -73,7 +73,7 @@ mosquitto:
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { echo "error: mosquitto still not found after apt-get install" >&2; exit 1; }
 
-lint: $(STAMP)
+lint: $(STAMP) mypy
 	$(VENV)/bin/ruff check .
 
 # pyproject's [tool.mypy] reads the packages through .mypy-root/faultwatch/* (links to the folders).

@@ -19,6 +19,8 @@ scores, not of decision rules.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 
 
@@ -72,7 +74,7 @@ def half_space_trees(values: np.ndarray, n_train: int, *, n_trees: int = 10, hei
     span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
     scaled = np.clip((x - lo) / span, -0.5, 1.5)
     names = [f"x{j}" for j in range(x.shape[1])]
-    limits = dict.fromkeys(names, (-0.5, 1.5))
+    limits: dict[Hashable, tuple[float, float]] = dict.fromkeys(names, (-0.5, 1.5))
     model = HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed,
                            limits=limits)
     scores = np.zeros(len(x))

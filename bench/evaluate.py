@@ -239,6 +239,11 @@ def run_skab(root: Path, out: Path, options: EvalOptions, *, pretrain: bool = Fa
     return _write_outputs(out, "skab", subtitle, results, options, protocols, started, {}, say)
 
 
+def _epoch_s(stamp: str) -> float:
+    """NAB's window timestamps ("2014-02-19 10:50:00.000000") as epoch seconds."""
+    return float(np.datetime64(stamp.strip().replace(" ", "T"), "ms").astype(np.int64)) / 1000.0
+
+
 def load_windows(path: Path) -> dict[str, list[tuple[float, float]]]:
     """NAB's windows file (``{"dir/name.csv": [[start, end], ...]}``) → by file name, epoch seconds."""
     try:
@@ -248,8 +253,7 @@ def load_windows(path: Path) -> dict[str, list[tuple[float, float]]]:
     out = {}
     for key, windows in raw.items():
         try:
-            pairs = [tuple(float(np.datetime64(w.strip().replace(" ", "T"), "ms").astype(np.int64)) / 1000.0
-                           for w in window) for window in windows]
+            pairs = [(_epoch_s(start), _epoch_s(end)) for start, end in windows]
         except (ValueError, AttributeError, TypeError):
             raise EvalError(f"{path}: unreadable window timestamps for {key!r}") from None
         out[Path(key).name] = pairs

@@ -129,7 +129,8 @@ def sweep_scores(n: int, windows: Sequence[tuple[int, int]], profile: str,
             w += 1
             continue
         # Distance past the previous window, in its widths; "far" (3) when none came before.
-        position = 3.0 if prev_right is None else abs(prev_right - i) / max(prev_width - 1, 1)
+        position = (3.0 if prev_right is None or prev_width is None
+                    else abs(prev_right - i) / max(prev_width - 1, 1))
         scores[i] = scaled_sigmoid(position) * a_fp
         i += 1
     window_id[: min(probation, n)] = -2

@@ -15,6 +15,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def _panel_svg(panel: Panel, x: np.ndarray, x0: float, x1: float, label: np.ndar
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
 
-    def px(v: np.ndarray) -> np.ndarray:
+    def px(v: Any) -> Any:  # a timestamp or an array of them → pixels, the same shape
         return LEFT + (v - x0) / max(x1 - x0, 1e-9) * WIDTH
 
     def py(v: np.ndarray) -> np.ndarray:

@@ -65,12 +65,12 @@ class StepGraph(nn.Module):
 @contextlib.contextmanager
 def _fused(model: Forecaster) -> Iterator[None]:
     """Every layer on torch's fused kernel, so the exporter emits one ONNX LSTM/GRU op per layer."""
-    for rnn in model.rnns:
+    for rnn in model.recurrent_layers():
         rnn.fused_for_export = True
     try:
         yield
     finally:
-        for rnn in model.rnns:
+        for rnn in model.recurrent_layers():
             rnn.fused_for_export = False
 
 
@@ -95,7 +95,9 @@ def to_onnx(model: Forecaster, contract: C.ModelContract) -> onnx.ModelProto:
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*(legacy TorchScript|"
                                 "feature will be removed).*")
         torch.onnx.export(
-            StepGraph(model).eval(), example, buffer, input_names=inputs, output_names=outputs,
+            # A BytesIO works (the legacy exporter writes to any file object); torch's stubs say paths.
+            StepGraph(model).eval(), example, buffer,  # type: ignore[arg-type]
+            input_names=inputs, output_names=outputs,
             dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())
@@ -115,10 +117,12 @@ def _add_peepholes(proto: onnx.ModelProto, model: Forecaster) -> None:
     nodes = recurrent_nodes(proto)
     if len(nodes) != len(model.rnns):
         raise ExportError(f"expected {len(model.rnns)} LSTM ops in the exported graph, found {len(nodes)}")
-    for i, (node, rnn) in enumerate(zip(nodes, model.rnns, strict=True)):
+    for i, (node, rnn) in enumerate(zip(nodes, model.recurrent_layers(), strict=True)):
         size = next(a.i for a in node.attribute if a.name == "hidden_size")
         if node.op_type != "LSTM" or size != rnn.hidden_size:
             raise ExportError(f"layer {i}: exported {node.op_type}(hidden {size}) does not match the model")
+        if rnn.peephole is None:
+            raise ExportError(f"layer {i}: the model says peephole but the layer has no peephole weights")
         p = rnn.peephole.detach().numpy()  # [1, 3, H] gates (i, f, o)
         onnx_order = np.concatenate([p[:, 0], p[:, 2], p[:, 1]], axis=1).astype(np.float32)  # [1, 3H]
         name = f"peephole_{i}"

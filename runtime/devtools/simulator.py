@@ -273,10 +273,13 @@ def simulate(
     for f in faults:
         d, window = index[f.device], slice(f.start, f.start + f.duration)
         anomaly[window, d] = 1
-        if f.kind == "stuck_sensor":
-            values[window, d, _CH[f.channel]] = values[max(f.start - 1, 0), d, _CH[f.channel]]
-        elif f.kind == "spike":
-            values[window, d, _CH[f.channel]] += f.severity * _SPIKE[_CH[f.channel]]
+        if f.kind in ("stuck_sensor", "spike"):
+            assert f.channel is not None  # Fault.__post_init__ requires one for these kinds
+            c = _CH[f.channel]
+            if f.kind == "stuck_sensor":
+                values[window, d, c] = values[max(f.start - 1, 0), d, c]
+            else:
+                values[window, d, c] += f.severity * _SPIKE[c]
 
     return SimData(
         timestamps=start_ts + np.arange(steps, dtype=np.float64) * period_s,
