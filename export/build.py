@@ -139,7 +139,8 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
     provenance = dict(payload["provenance"]) | {
         "opset": OPSET, "exported_with": VERSION,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    placeholder = Calibration((1.0,) * len(prepared.targets), float("inf"), options.quantile,
+    # The draft only streams forecasts to calibrate on; a valid contract needs a finite threshold.
+    placeholder = Calibration((1.0,) * len(prepared.targets), 1.0, options.quantile,
                               options.factor, options.score_span, options.warmup, 0)
     architecture = {
         "peephole": model.config.peephole, "dense": model.config.dense,

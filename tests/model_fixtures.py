@@ -13,6 +13,8 @@ calibrated and parity-checked by export itself.
 ``int8_model``      ``model-int8.onnx``
 ``export_reports``  ``{"none": report, "int8": report}`` as returned by ``export_model``
 
+:func:`with_edited_contract` copies a model with its contract metadata edited (crafted models).
+
 The model is small on purpose (hidden (16, 8), dense 8) and trained for a few
 epochs with a larger learning rate and shorter chunks than the defaults, so
 that it gets past the untrained head's bias in about a second on two shared
@@ -22,12 +24,30 @@ cores. Training runs once per session; tests must not modify these files
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from faultwatch.runtime.devtools.simulator import SimData, simulate, write_csv
+
+
+def with_edited_contract(src: Path, dst: Path, edit: Callable[[dict], object]) -> Path:
+    """Copy of ``src`` whose contract JSON (a dict) went through ``edit``; the graph is untouched."""
+    import onnx
+    from faultwatch.runtime.engine.contract import METADATA_KEY
+
+    proto = onnx.load(src)
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            raw = json.loads(prop.value)
+            edit(raw)
+            prop.value = json.dumps(raw)
+    onnx.save(proto, dst)
+    return dst
+
 
 TRAIN_DEVICES = 2
 TRAIN_STEPS = 1500

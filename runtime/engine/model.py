@@ -68,7 +68,19 @@ class StepModel:
         # (~0.5 µs, 3% of a batch-1 step).
         self._run_options = ort.RunOptions()
         # Warm up on zeros of exactly the contract's shapes: fails here, not on the first reading.
-        self.step(np.zeros((1, 1, len(self.contract.features)), np.float32), self.zero_state(1))
+        # A graph whose metadata lies (hidden sizes, feature count) fails here with onnxruntime's
+        # own untyped error: one line, like every other unusable file.
+        try:
+            forecast, state = self.step(np.zeros((1, 1, len(self.contract.features)), np.float32),
+                                        self.zero_state(1))
+        except Exception as exc:
+            raise ModelError(f"{path}: the graph does not run with the shapes its metadata gives: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        widths = [forecast.shape[-1], *(s.shape[-1] for s in state)]
+        expected = [len(self.contract.targets), *self.state_widths]
+        if widths != expected:
+            raise ModelError(f"{path}: the graph's forecast and state widths {widths} are not the "
+                             f"metadata's {expected} (targets, then hidden sizes)")
 
     def _check_graph(self) -> None:
         c = self.contract
@@ -83,6 +95,11 @@ class StepModel:
             raise ModelError(
                 f"{self.path}: {READINGS} has {width} features, metadata names {len(c.features)}"
             )
+        for name, _, hidden in c.state_names():  # [1, B, H_i]: a fixed H_i must be the metadata's
+            declared = inputs[name].shape[-1]
+            if isinstance(declared, int) and declared != hidden:
+                raise ModelError(f"{self.path}: {name} is {declared} wide in the graph, "
+                                 f"metadata says {hidden}")
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((1, batch, w), np.float32) for w in self.state_widths]

@@ -8,7 +8,6 @@ is stepped one reading per call, carrying the state, as the edge runtime does.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from faultwatch.runtime.engine.contract import CONTRACT_VERSION, METADATA_KEY, M
 from faultwatch.runtime.engine.model import ModelError, StepModel
 from faultwatch.runtime.offline.csvdata import read_csv
 from faultwatch.train.checkpoint import CheckpointError, load_checkpoint
-from model_fixtures import HIDDEN, VAL_FRACTION, TrainedModels
+from model_fixtures import HIDDEN, VAL_FRACTION, TrainedModels, with_edited_contract
 
 pytestmark = pytest.mark.torch
 
@@ -63,18 +62,6 @@ def onnx_streamed(step_model: StepModel, batch: np.ndarray) -> np.ndarray:
 
 def metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(path).metadata_props}
-
-
-def with_edited_contract(src: Path, dst: Path, edit) -> Path:
-    """Copy of ``src`` whose contract JSON (a dict) went through ``edit``."""
-    proto = onnx.load(src)
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            raw = json.loads(prop.value)
-            edit(raw)
-            prop.value = json.dumps(raw)
-    onnx.save(proto, dst)
-    return dst
 
 
 def dims(value_info) -> list[int | str]:
@@ -380,8 +367,33 @@ def test_newer_contract_version_is_refused_by_step_model(trained: TrainedModels,
          "features"),
         (lambda raw: raw.pop("scaler"), "scaler"),
         (lambda raw: raw.update(cell="transformer"), "transformer"),
+        # Crafted or damaged metadata that used to load (or crash with a traceback): each is
+        # refused at load, which is start, --check-config and reload alike.
+        (lambda raw: raw.update(hidden=[h * 2 for h in raw["hidden"]]), "wide"),
+        (lambda raw: raw.update(hidden=["x"]), "malformed field"),
+        (lambda raw: raw.update(sample_period_s="fast"), "malformed field"),
+        (lambda raw: raw.update(sample_period_s=0), "sample_period_s must be finite and > 0"),
+        (lambda raw: raw.update(sample_period_s="NaN"), "sample_period_s must be finite and > 0"),
+        (lambda raw: raw["scaler"].update(scale=[0.0] * len(raw["scaler"]["scale"])),
+         "scaler.scale must be finite and > 0"),
+        (lambda raw: raw["scaler"].update(offset=[float("nan")] * len(raw["scaler"]["offset"])),
+         "scaler.offset must be finite"),
+        (lambda raw: raw["scaler"].update(offset=["1"] * len(raw["scaler"]["offset"])),
+         "scaler.offset must hold numbers"),
+        (lambda raw: raw["calibration"].update(residual_std=[float("inf")] * len(raw["targets"])),
+         "calibration.residual_std must be finite and > 0"),
+        (lambda raw: raw["calibration"].update(threshold=float("nan")), "calibration.threshold"),
+        (lambda raw: raw["calibration"].update(threshold=-1.0), "calibration.threshold"),
+        (lambda raw: raw["calibration"].update(score_span=0), "calibration.score_span"),
+        (lambda raw: raw["calibration"].update(warmup=1.5), "calibration.warmup"),
+        (lambda raw: raw["calibration"].update(extra=1), "malformed field"),
+        (lambda raw: raw.update(features=[*raw["features"][:-1], raw["features"][0]]), "unique"),
+        (lambda raw: raw.update(targets=[raw["targets"][0]] * 2), "repeated"),
     ],
-    ids=["extra-layer", "fewer-features", "no-scaler", "unknown-cell"],
+    ids=["extra-layer", "fewer-features", "no-scaler", "unknown-cell", "hidden-doubled", "hidden-text",
+         "period-text", "period-zero", "period-nan", "scale-zero", "offset-nan", "offset-text",
+         "residual-inf", "threshold-nan", "threshold-negative", "span-zero", "warmup-fraction",
+         "calibration-extra-key", "feature-twice", "target-twice"],
 )
 def test_contract_mismatch_is_a_model_error_naming_it(trained: TrainedModels, tmp_path: Path, edit,
                                                       named: str):
