@@ -55,6 +55,12 @@ class Output:
     threshold: float = float("nan")  # what the score was compared with (per device when dynamic)
 
 
+#: A longer silence than this many sample periods always resets a device: bridging it would take
+#: as many model steps (one reading 30 days late at 1 Hz: 2.6 million) with the engine, and a
+#: daemon's SIGTERM, waiting. 86 400 periods is a day at 1 Hz, a few seconds of stepping.
+MAX_GAP_PERIODS = 86_400
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     max_devices: int = 10_000  # least recently seen device evicted beyond this
@@ -74,8 +80,8 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if not 0 < self.clear_ratio <= 1:
             raise ValueError(f"clear_ratio must be in (0, 1], got {self.clear_ratio}")
-        if self.max_gap_periods < 1:
-            raise ValueError(f"max_gap_periods must be >= 1, got {self.max_gap_periods}")
+        if not 1 <= self.max_gap_periods <= MAX_GAP_PERIODS:
+            raise ValueError(f"max_gap_periods must be in [1, {MAX_GAP_PERIODS}], got {self.max_gap_periods}")
 
 
 @dataclass
