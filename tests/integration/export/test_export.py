@@ -8,7 +8,9 @@ is stepped one reading per call, carrying the state, as the edge runtime does.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,14 @@ def test_graph_io_is_exactly_the_contract_with_dynamic_batch_and_time(trained: T
     out, state = step_model.step(x, step_model.zero_state(5))
     assert out.shape == (5, 7, n_targets)
     assert [s.shape for s in state] == [(1, 5, w) for w in step_model.state_widths]
+
+
+def test_the_model_and_its_report_are_readable_by_the_service_user(trained: TrainedModels):
+    """0644 under the usual umask: copied to a device, the daemon's own user can read the model."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (trained.int8, trained.int8.with_suffix(".report.json")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~mask, path
 
 
 def test_int8_file_is_smaller_than_fp32(trained: TrainedModels):
