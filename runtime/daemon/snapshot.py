@@ -14,10 +14,12 @@ import io
 import logging
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-from faultwatch.runtime.daemon.statefiles import StateFileError, read_state_file
+from faultwatch.runtime.daemon.statefiles import StateFileError, read_state_file, set_aside
 
 log = logging.getLogger("faultwatch")
 
@@ -31,7 +33,8 @@ def save_snapshot(state_dir: Path, arrays: dict[str, np.ndarray], model_sha256: 
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state.", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, _format=np.array(FORMAT), _model_sha256=np.array(model_sha256), **arrays)
+            tagged: dict[str, Any] = {"_format": np.array(FORMAT), "_model_sha256": np.array(model_sha256)}
+            np.savez(f, **(tagged | arrays))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,3 +105,40 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> None:
         if a.ndim == 0 or len(a) != len(devices):
             raise StateFileError(f"array {name!r} has shape {a.shape}, "
                                  f"not one row per device ({len(devices)})")
+
+
+class StatefulEngine(Protocol):
+    def export_state(self) -> dict[str, np.ndarray]: ...
+    def import_state(self, saved: dict[str, np.ndarray], /) -> int: ...
+
+
+class StateSnapshots:
+    """The daemon's snapshots in ``state_dir`` ("" = none): restored at start, saved now and then."""
+
+    def __init__(self, state_dir: str, counters: Counter):
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.counters = counters  # the daemon's engine-thread counters
+
+    def restore(self, engine: StatefulEngine, model_sha256: str) -> None:
+        if self.state_dir is None:
+            return
+        saved = load_snapshot(self.state_dir, model_sha256)
+        if saved is None:
+            return
+        try:
+            n = engine.import_state(saved)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            # Taken with this very model (the sha256 matched), so it was damaged: keep it for a look.
+            set_aside(self.state_dir / FILENAME, "state snapshot", f"does not fit the model: {exc}")
+            return
+        log.info("restored the state of %d device(s) from %s", n, self.state_dir)
+
+    def save(self, engine: StatefulEngine, model_sha256: str) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            save_snapshot(self.state_dir, engine.export_state(), model_sha256)
+            self.counters["snapshots"] += 1
+        except OSError as exc:
+            self.counters["snapshot_errors"] += 1
+            log.error("cannot write state snapshot to %s: %s", self.state_dir, exc)
