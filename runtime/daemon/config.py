@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from faultwatch.runtime.daemon.topics import TopicError, TopicMatcher
+from faultwatch.runtime.daemon.config_checks import cross_key_problems, listen_problem
 from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS
-
-CLIENTS = ("fast", "paho")  # broker.client: see faultwatch.runtime.daemon.mqtt.transport
 
 
 class ConfigError(ValueError):
@@ -32,8 +30,6 @@ class ConfigError(ValueError):
 
 
 DEFAULT_CLIENT_ID = "faultwatch-{hostname}"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("auto", "text", "journald", "json")
 
 
 @dataclass
@@ -114,8 +110,14 @@ class MetricsConfig:
 
 
 @dataclass
+class CommandsConfig:
+    # {prefix}/command/reload (reloads the model, as SIGHUP does). Off: anyone who may publish
+    # there could make the daemon act; enable it with a broker ACL that limits who may.
+    enabled: bool = False
+
+
+@dataclass
 class ReloadConfig:
-    mqtt_command: bool = True  # {prefix}/command/reload reloads the model, as SIGHUP does
     min_interval_s: float = 5.0  # reload requests closer together than this are merged
 
 
@@ -139,6 +141,7 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
     def password(self) -> str | None:
         """The broker password from the file or environment; never from the config text."""
@@ -189,7 +192,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "metrics.per_device_max": (0, 10_000),
     "reload.min_interval_s": (0, 3600),
 }
-MAX_TOPICS = 16
 
 
 def _type_ok(kind, value) -> bool:
@@ -233,84 +235,12 @@ def _fill(obj: Any, raw: dict, path: str, problems: list[str]) -> None:
         setattr(obj, key, value)
 
 
-def _topic_level_prefix(value: str, where: str) -> str | None:
-    if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
-        return f"{where} = {value!r}: needs a topic prefix without wildcards or outer '/'"
-    return None
-
-
-def _readable_file(path: str, where: str) -> str | None:
-    """Why the daemon could not read the file a key names, or None (checked now, not at connect)."""
-    if not os.path.isfile(path):
-        return f"{where}: {path!r} is " + ("not a file" if os.path.exists(path) else "missing (no such file)")
-    if not os.access(path, os.R_OK):
-        return f"{where}: cannot read {path!r} (permission denied)"
-    return None
-
-
-def _problems(config: Config) -> list[str]:
-    """Every check across keys, after every key was checked alone; normalises ``log_level``."""
-    problems: list[str] = []
-    topics = config.topics
-    if not 1 <= len(topics) <= MAX_TOPICS:
-        problems.append(f"input.topic: give 1 to {MAX_TOPICS} templates")
-    else:
-        try:
-            TopicMatcher(topics)
-        except TopicError as exc:
-            problems.append(f"input.topic: {exc}")
-    problems += filter(None, [_topic_level_prefix(config.output.prefix, "output.prefix"),
-                              _topic_level_prefix(config.homeassistant.prefix, "homeassistant.prefix")])
-    if config.log_level.upper() in LOG_LEVELS:
-        config.log_level = config.log_level.upper()
-    else:
-        problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)} (any case), "
-                        f"got {config.log_level!r}")
-    if config.log.format not in LOG_FORMATS:
-        problems.append(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
-    if config.engine.raise_k > config.engine.window_n:
-        problems.append("engine.raise_k must be <= engine.window_n")
-    if config.input.partition >= config.input.partitions:
-        problems.append(f"input.partition = {config.input.partition} must be below input.partitions = "
-                        f"{config.input.partitions} (partitions are numbered from 0)")
-    problems += _broker_problems(config.broker)
-    if config.metrics.listen:
-        try:
-            listen_address(config.metrics.listen)
-        except ConfigError as exc:
-            problems += exc.problems
-    return problems
-
-
-def _broker_problems(b: BrokerConfig) -> list[str]:
-    problems = []
-    if not b.host.strip():
-        problems.append("broker.host is empty: give the broker's address (or --broker HOST:PORT)")
-    if not b.client_id.strip():
-        problems.append("broker.client_id is empty: the persistent session that keeps readings while the "
-                        "daemon is down needs a stable id (the default is faultwatch-{hostname})")
-    if b.reconnect_min_s > b.reconnect_max_s:
-        problems.append("broker.reconnect_min_s must be <= broker.reconnect_max_s")
-    if b.client not in CLIENTS:
-        problems.append(f"broker.client must be one of {', '.join(map(repr, CLIENTS))}, got {b.client!r}")
-    if bool(b.tls_cert_file) != bool(b.tls_key_file):
-        problems.append("broker.tls_cert_file and broker.tls_key_file go together")
-    if b.tls_cert_file and not b.tls_ca_file:
-        problems.append("broker.tls_cert_file needs broker.tls_ca_file")
-    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "password_file"):
-        path = getattr(b, key)
-        problem = _readable_file(path, f"broker.{key}") if path else None
-        if problem:
-            problems.append(problem)
-    return problems
-
-
 def validate(config: Config) -> Config:
     """Checks across keys, after every key was checked alone; returns ``config``.
 
     Raises one :class:`ConfigError` listing every problem found.
     """
-    problems = _problems(config)
+    problems = cross_key_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -337,9 +267,10 @@ def resolve_client_id(config: Config, hostname: str | None = None) -> str:
 
 
 def listen_address(text: str) -> tuple[str, int]:
+    problem = listen_problem(text)
+    if problem:
+        raise ConfigError(problem)
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"metrics.listen = {text!r}: expected HOST:PORT (port 0 = any free one) or \"\"")
     return host.strip("[]"), int(port)
 
 
@@ -384,7 +315,7 @@ def load_config(path: str | None, args: Any = None) -> Config:
             config.broker.host, config.broker.port = args.broker
         if getattr(args, "state_dir", None):
             config.state_dir = args.state_dir
-    problems += _problems(config)
+    problems += cross_key_problems(config)
     if not config.model:
         problems.append("no model: give --model or model = \"...\" in the config")
     if problems:

@@ -3,6 +3,7 @@ must answer a reading with a forecast. (What it refuses: tests/unit/daemon/test_
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -40,8 +41,15 @@ def test_a_config_that_check_config_passes_runs(broker, trained, tmp_path, name)
     checked = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert checked.returncode == 0, checked.stderr
     with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
-        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
+        # As under systemd: stderr is the journal (the harness's log file stands in for it).
+        daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config, env={"JOURNAL_STREAM": "8:4242"})
         wait_answering(daemon, broker, recorder)
         assert daemon.terminate() == 0
+    lines = [line for line in daemon.log().splitlines() if line.strip()]
+    if config.get("log", {}).get("format") == "json":
+        assert all(json.loads(line)["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in lines)
+    else:  # auto, under journald: each line carries its syslog priority
+        assert all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines
+        assert any(line.startswith("<6>faultwatch daemon: model") for line in lines)
     client_id = config.get("broker", {}).get("client_id", "faultwatch-{hostname}")
     assert f" as {client_id.replace('{hostname}', socket.gethostname())} " in broker.log_text()
