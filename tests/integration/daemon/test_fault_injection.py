@@ -142,6 +142,16 @@ def test_a_hot_reload_of_a_crafted_model_keeps_the_old_model_running(broker, tra
     with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
         daemon = Daemon(model_path, broker, tmp_path, "daemon", CONFIG)
         wait_answering(daemon, broker, recorder)
+        # Commands are off by default: a reload command is not acted on. Readings published after
+        # it, each answered, prove it had its chance (a reload runs right after the batch it came in).
+        publisher = Publisher(broker)
+        publisher.send("faultwatch/command/reload", b"")
+        for n, device in enumerate(("after-command-1", "after-command-2")):
+            publisher.send(f"sensors/{device}", payload(1_600_000_000.0 + n, np.ones(len(CHANNELS))))
+            wait_for(lambda device=device: any(d == device for d, _ in forecasts(recorder.messages())),
+                     timeout=60, message=daemon.log)
+        assert recorder.messages("faultwatch/reload") == []
+        assert not any(word in daemon.log() for word in ("reload rejected", "reloaded ", "reload: "))
         for i, (name, bad) in enumerate(crafted.items(), start=1):
             tmp = model_path.with_suffix(".new")
             shutil.copyfile(bad, tmp)
@@ -153,7 +163,6 @@ def test_a_hot_reload_of_a_crafted_model_keeps_the_old_model_running(broker, tra
             assert result["ok"] is False and str(tmp_path) not in json.dumps(result), result
             assert daemon.alive(), daemon.log()
         # Still the old model, still answering: a reading of a new device gets its forecast.
-        publisher = Publisher(broker)
         publisher.send("sensors/after-reloads", payload(1_600_000_000.0, np.ones(len(CHANNELS))))
         wait_for(lambda: any(d == "after-reloads" for d, _ in forecasts(recorder.messages())), timeout=60,
                  message=daemon.log)
