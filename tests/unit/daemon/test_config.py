@@ -4,6 +4,7 @@ starts with: tests/integration/daemon/test_check_config.py.)"""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -80,3 +81,11 @@ def test_the_engine_refuses_to_bridge_more_than_the_cap():
     with pytest.raises(ValueError, match="max_gap_periods"):
         EngineSettings(max_gap_periods=MAX_GAP_PERIODS + 1)
     assert cfg.BOUNDS["engine.max_gap_periods"] == (1, MAX_GAP_PERIODS)
+
+
+def test_faultwatch_run_turns_off_onnxruntime_telemetry(monkeypatch, capsys):
+    """onnxruntime would keep a telemetry queue under ~/.cache, the state dir under the unit."""
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    assert cli_main(["run", "--example-config"]) == 0
+    capsys.readouterr()
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"

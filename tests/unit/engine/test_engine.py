@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from faultwatch.export.build import TOLERANCE
 from faultwatch.runtime.devtools.simulator import CHANNELS, Fault, SimData, simulate, write_csv
-from faultwatch.runtime.engine.engine import Engine, EngineSettings, Output, Reading
+from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS, Engine, EngineSettings, Output, Reading
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.offline.replay import replay_csv
 from model_fixtures import TrainedModels
@@ -308,6 +308,23 @@ def test_a_long_gap_resets_the_device_state(int8: StepModel):
     assert short_engine.counters["gap_resets"] == 0
     assert not np.array_equal(short_out.forecast, fresh.forecast)  # the state carried on
     assert short_out.score > 0
+
+
+def test_a_reading_30_days_late_resets_even_at_the_largest_bridging_cap(int8: StepModel):
+    """Bridging costs one model step per missing reading: it is capped (MAX_GAP_PERIODS), and a
+    longer silence resets instead, so one very late reading never stalls the engine (or SIGTERM)."""
+    data = simulate(devices=1, steps=20, seed=14)
+    readings = readings_of(data)
+    engine = Engine(int8, EngineSettings(max_gap_periods=MAX_GAP_PERIODS))
+    engine.process(readings[:10])
+    late = readings[10]
+    month = 30 * 86_400.0
+    assert month / int8.contract.sample_period_s > MAX_GAP_PERIODS
+    out = engine.process([Reading(late.device, readings[9].ts + month, late.values)])[0]
+    assert out is not None and engine.counters["gap_resets"] == 1
+    assert engine.counters["bridged_readings"] == 0
+    with pytest.raises(ValueError, match="max_gap_periods"):
+        EngineSettings(max_gap_periods=1e9)
 
 
 # -- replay --------------------------------------------------------------------------------
