@@ -105,6 +105,15 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> None:
         if a.ndim == 0 or len(a) != len(devices):
             raise StateFileError(f"array {name!r} has shape {a.shape}, "
                                  f"not one row per device ({len(devices)})")
+    # Values that would poison a device for good: a NaN state gives NaN forecasts from then on;
+    # a last time stamp of NaN or +inf makes every later reading "older" (-inf: never stepped).
+    for name, a in arrays.items():
+        model_made = name.startswith("state_") or name in ("prev_forecast", "last_scaled")
+        if model_made and not np.isfinite(a).all():
+            raise StateFileError(f"array {name!r} holds NaN or infinite values")
+    last_ts = arrays.get("last_ts")
+    if last_ts is not None and (np.isnan(last_ts) | (last_ts == np.inf)).any():
+        raise StateFileError("array 'last_ts' holds NaN or +inf")
 
 
 class StatefulEngine(Protocol):

@@ -83,6 +83,9 @@ def test_every_corruption_of_a_snapshot_is_set_aside_or_loads_intact(tmp_path, c
     ({"state_0": np.zeros((2, 8), np.float32)}, "not one row per device"),
     ({"last_ts": np.array(3.0)}, "not one row per device"),
     ({"last_ts": np.array(["x", "y", "z"])}, "not numbers"),
+    ({"last_ts": np.array([0.0, np.nan, 1.0])}, "'last_ts' holds NaN or +inf"),
+    ({"last_ts": np.array([0.0, np.inf, 1.0])}, "'last_ts' holds NaN or +inf"),
+    ({"state_0": np.full((3, 8), np.nan, np.float32)}, "'state_0' holds NaN or infinite"),
 ])
 def test_a_snapshot_with_wrong_arrays_is_set_aside_naming_the_fault(tmp_path, caplog, arrays, why):
     good = snapshot_arrays()
