@@ -89,3 +89,21 @@ def test_faultwatch_run_turns_off_onnxruntime_telemetry(monkeypatch, capsys):
     assert cli_main(["run", "--example-config"]) == 0
     capsys.readouterr()
     assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+def test_a_damaged_config_file_is_refused_in_lines_never_a_traceback(tmp_path, capsys):
+    """The config is the operator's file, not the daemon's: it is never moved, only refused."""
+    good = cfg.example_config().encode()
+    variants = {f"truncated-{pct}%": good[:len(good) * pct // 100] for pct in range(0, 100, 10)}
+    variants |= {"binary": bytes(range(256)), "flipped": good[:40] + b"\xff" + good[41:]}
+    for name, data in variants.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_bytes(data)
+        code = cli_main(["run", "--check-config", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert err and all(line.startswith("faultwatch run: ") for line in err.splitlines()), (name, err)
+        assert path.exists()
+    (tmp_path / "folder.toml").mkdir()
+    assert cli_main(["run", "--check-config", str(tmp_path / "folder.toml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
