@@ -174,3 +174,20 @@ def test_every_truncation_of_a_journal_keeps_the_whole_lines(tmp_path):
         events, bad = parse_journal(data)
         whole = data.count(b"\n")
         assert len(events) == whole and bad == (0 if data.endswith(b"\n") else 1), pct
+
+
+def test_a_snapshot_of_this_model_that_does_not_fit_the_engine_is_set_aside(int8_model, tmp_path, caplog):
+    from collections import Counter
+
+    from faultwatch.runtime.daemon.snapshot import StateSnapshots
+    from faultwatch.runtime.engine.engine import Engine
+    from faultwatch.runtime.engine.model import StepModel
+
+    model = StepModel(int8_model)
+    engine = Engine(model)
+    arrays = snapshot_arrays() | {"state_0": np.zeros((3, 3), np.float32)}  # the model's layers are wider
+    save_snapshot(tmp_path, arrays, model.sha256)  # the sha256 matches: the file itself is wrong
+    with caplog.at_level(logging.ERROR, logger="faultwatch"):
+        StateSnapshots(str(tmp_path), Counter()).restore(engine, model.sha256)
+    assert engine.devices == [] and len(aside(tmp_path, FILENAME)) == 1
+    assert "does not fit the model" in caplog.text
