@@ -78,9 +78,8 @@ class Daemon:
         self.stop = threading.Event()
         self.counters: Counter = Counter()  # counted by the engine thread
         self.reloader = Reloader(config, self.counters, self._reload_result)
-        command_topic = f"{self.prefix}/command/reload"
-        # Commands are off unless enabled: then no topic is one ("" matches none).
-        command_topic = command_topic if config.commands.enabled else ""
+        # Commands are off unless enabled; off, no topic is one ("" matches none).
+        command_topic = f"{self.prefix}/command/reload" if config.commands.enabled else ""
         self.inbox = Inbox(config, self.model.contract.features, command_topic, self.reloader.requested.set)
         self.intake = Intake(config, self.model.contract, self.counters)
         self.snapshots = StateSnapshots(config.state_dir, self.counters)
