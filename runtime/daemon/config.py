@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 
 
 DEFAULT_CLIENT_ID = "faultwatch-{hostname}"
+#: Keys that were renamed: an old config is refused with a pointer to the new key.
+MOVED = {"reload.mqtt_command": "commands.enabled, off by default"}
 
 
 @dataclass
@@ -214,7 +216,8 @@ def _fill(obj: Any, raw: dict, path: str, problems: list[str]) -> None:
     for key, value in raw.items():
         where = f"{path}{key}"
         if key not in names:
-            problems.append(f"unknown key {where!r}")
+            moved = MOVED.get(where)
+            problems.append(f"unknown key {where!r}" + (f" (now {moved})" if moved else ""))
             continue
         kind = hints[key]
         if dataclasses.is_dataclass(kind):

@@ -45,6 +45,7 @@ def test_every_problem_of_a_config_is_reported_in_one_run_a_line_each(tmp_path, 
     ("[engine]\nmax_gap_periods = 1e9",
      f"engine.max_gap_periods = 1000000000.0 is out of range [1, {MAX_GAP_PERIODS}]"),
     ('[log]\nformat = "xml"', "log.format must be one of auto, text, journald, json"),
+    ("[reload]\nmqtt_command = true", "unknown key 'reload.mqtt_command' (now commands.enabled"),
 ])
 def test_a_config_the_daemon_cannot_run_is_refused_naming_the_key(text, named):
     with pytest.raises(cfg.ConfigError) as info:
