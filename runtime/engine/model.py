@@ -27,7 +27,10 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 
 
 def read_contract(session: ort.InferenceSession) -> ModelContract:
-    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        meta = session.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError as exc:  # a damaged file: onnxruntime hands the bytes to Python as they are
+        raise ContractError(f"metadata is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if METADATA_KEY not in meta:
         raise ContractError(f"no {METADATA_KEY} metadata: not a faultwatch model")
     return ModelContract.from_json(meta[METADATA_KEY])
@@ -51,8 +54,10 @@ class StepModel:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size_bytes = len(data)
         try:
+            # No fallback: onnxruntime would retry a file it can't load with the same CPU provider,
+            # after printing the error to stdout (a user error is one line on stderr).
             self.session = ort.InferenceSession(
-                data, session_options(threads), providers=["CPUExecutionProvider"]
+                data, session_options(threads), providers=["CPUExecutionProvider"], enable_fallback=0
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None

@@ -413,6 +413,30 @@ def test_contract_mismatch_is_a_model_error_naming_it(trained: TrainedModels, tm
     assert "\n" not in str(info.value)
 
 
+def test_a_damaged_model_file_loads_intact_or_is_refused_in_one_line(trained: TrainedModels, tmp_path: Path,
+                                                                     capfd):
+    """Truncated at every 10 %, a byte flipped at every 10 %, empty, a folder: never a traceback."""
+    good = trained.int8.read_bytes()
+    variants = {f"truncated-{pct}%": good[:len(good) * pct // 100] for pct in range(0, 100, 10)}
+    for pct in range(0, 100, 10):
+        at = len(good) * pct // 100
+        variants[f"flipped-{pct}%"] = good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:]
+    refused = 0
+    for name, data in variants.items():
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(data)
+        try:
+            StepModel(path)  # a flip inside a weight still makes a loadable model
+        except ModelError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc), (name, str(exc))
+            refused += 1
+    assert refused >= 10  # every truncation at least
+    assert "EP Error" not in capfd.readouterr().out  # onnxruntime's retry, printed to stdout: off
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ModelError, match="cannot read model"):
+        StepModel(tmp_path / "folder.onnx")
+
+
 def test_replaced_contract_keeps_graph_parity(trained: TrainedModels, tmp_path: Path):
     """Editing nothing but re-serializing keeps the model loadable (the edit helper is sound)."""
     path = with_edited_contract(trained.fp32, tmp_path / "same.onnx", lambda raw: None)
