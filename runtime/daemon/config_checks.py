@@ -71,10 +71,22 @@ def cross_key_problems(config: Config) -> list[str]:
     if config.input.partition >= config.input.partitions:
         problems.append(f"input.partition = {config.input.partition} must be below input.partitions = "
                         f"{config.input.partitions} (partitions are numbered from 0)")
+    problems += filter(None, [_state_dir_problem(config.state_dir)])
     problems += _broker_problems(config.broker)
     if config.metrics.listen:
         problems += filter(None, [listen_problem(config.metrics.listen)])
     return problems
+
+
+def _state_dir_problem(state_dir: str) -> str | None:
+    """A state dir the daemon could not write would lose every snapshot and fault journal entry."""
+    if not state_dir or not os.path.exists(state_dir):
+        return None  # none, or made at the first snapshot
+    if not os.path.isdir(state_dir):
+        return f"state_dir: {state_dir!r} is not a folder"
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        return f"state_dir: cannot write to {state_dir!r} (permission denied)"
+    return None
 
 
 def _broker_problems(b: BrokerConfig) -> list[str]:

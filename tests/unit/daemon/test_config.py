@@ -46,6 +46,7 @@ def test_every_problem_of_a_config_is_reported_in_one_run_a_line_each(tmp_path, 
      f"engine.max_gap_periods = 1000000000.0 is out of range [1, {MAX_GAP_PERIODS}]"),
     ('[log]\nformat = "xml"', "log.format must be one of auto, text, journald, json"),
     ("[reload]\nmqtt_command = true", "unknown key 'reload.mqtt_command' (now commands.enabled"),
+    ('state_dir = "/dev/null"', "state_dir: '/dev/null' is not a folder"),
 ])
 def test_a_config_the_daemon_cannot_run_is_refused_naming_the_key(text, named):
     with pytest.raises(cfg.ConfigError) as info:
