@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +33,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from faultwatch.runtime.daemon.payload import encode_reading
 from faultwatch.runtime.devtools.broker import BrokerUnavailable, MosquittoBroker, find_mosquitto
+from faultwatch.runtime.devtools.daemon_process import DaemonError, DaemonProcess
 from faultwatch.runtime.devtools.sim_publish import publish
 from faultwatch.runtime.devtools.simulator import CHANNELS, Fault, SimData, simulate, write_csv
 
@@ -213,36 +213,26 @@ def _demo(workdir: Path, seed: int, keep: bool) -> int:
     print(f"faultwatch demo (seed {seed}) in {workdir}{'' if keep else ' (temporary)'}", flush=True)
     model, cal, live = _train_and_export(workdir, seed, clock)
     watch = _Watch(float(live.timestamps[0]), live.period_s, cal["warmup"])
-    (workdir / "daemon.toml").write_text(DAEMON_CONFIG)
-    daemon_log = workdir / "daemon.log"
-    daemon: subprocess.Popen | None = None
+    daemon: DaemonProcess | None = None
     listener: _Listener | None = None
     with MosquittoBroker(workdir / "mosquitto") as broker:
         try:
             clock.say(f"mosquitto listening on {broker.address} (pid {broker.pid})")
             listener = _Listener(broker.host, broker.port)
-            with daemon_log.open("wb") as log:
-                daemon = subprocess.Popen(
-                    [sys.executable, "-m", "faultwatch.runtime.cli", "run", "--model", str(model),
-                     "--broker", broker.address, "--config", str(workdir / "daemon.toml")],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            # daemon.toml and daemon.log in the workdir
+            daemon = DaemonProcess(model, broker.address, workdir, "daemon", DAEMON_CONFIG).start()
             failure = _wait_online(daemon, listener, watch, live, clock)
             if failure is None:
                 failure = _stream(daemon, listener, watch, live, broker, clock)
             stop_failure = _stop_daemon(daemon, listener, watch, clock)
             failure = failure or stop_failure
         finally:
-            if daemon is not None and daemon.poll() is None:  # interrupted, or it ignored SIGTERM
-                daemon.terminate()
-                try:
-                    daemon.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
+            if daemon is not None and daemon.alive():  # interrupted, or it ignored SIGTERM
+                daemon.stop(timeout=10)
             if listener is not None:
                 listener.close()
     if failure:
-        tail = daemon_log.read_text(errors="replace").splitlines()[-15:]
+        tail = daemon.current_log().splitlines()[-15:] if daemon is not None else []
         print("daemon log (last lines):\n  " + "\n  ".join(tail))
         print(f"FAILED: {failure}")
         return 1
@@ -262,7 +252,7 @@ def _drain(listener: _Listener, watch: _Watch, timeout: float) -> None:
         pass
 
 
-def _wait_online(daemon, listener: _Listener, watch: _Watch, live: SimData, clock: _Clock,
+def _wait_online(daemon: DaemonProcess, listener: _Listener, watch: _Watch, live: SimData, clock: _Clock,
                  timeout: float = 60.0) -> str | None:
     """Wait for the retained ``online``, then for the answer to a probe reading: the daemon
     publishes ``online`` before it subscribes, so ``online`` alone does not mean it is listening."""
@@ -271,8 +261,8 @@ def _wait_online(daemon, listener: _Listener, watch: _Watch, live: SimData, cloc
     probe_ts, next_probe = float(live.timestamps[0]) - 3600.0, 0.0
     channels = dict(zip(CHANNELS, live.values[0, 0].tolist(), strict=True))
     while not watch.forecasts[PROBE]:
-        if daemon.poll() is not None:
-            return f"the daemon exited with {daemon.returncode} before it was ready"
+        if not daemon.alive():
+            return f"the daemon exited with {daemon.exit_code()} before it was ready"
         if time.monotonic() >= deadline:
             return f"the daemon was not online and answering within {timeout:g} s"
         if "online" in watch.status and time.monotonic() >= next_probe:
@@ -286,7 +276,7 @@ def _wait_online(daemon, listener: _Listener, watch: _Watch, live: SimData, cloc
     return None
 
 
-def _stream(daemon, listener: _Listener, watch: _Watch, live: SimData, broker: MosquittoBroker,
+def _stream(daemon: DaemonProcess, listener: _Listener, watch: _Watch, live: SimData, broker: MosquittoBroker,
             clock: _Clock, answer_timeout: float = 120.0) -> str | None:
     steps, n = len(live.timestamps), len(live.devices)
     injected = "; ".join(f"{kind} on {pump} at t+{start} s for {duration} s"
@@ -321,20 +311,19 @@ def _stream(daemon, listener: _Listener, watch: _Watch, live: SimData, broker: M
                 break
             if time.monotonic() >= deadline:
                 break  # the summary reports the shortfall
-        if daemon.poll() is not None:
-            return f"the daemon exited with {daemon.returncode} while streaming"
+        if not daemon.alive():
+            return f"the daemon exited with {daemon.exit_code()} while streaming"
     clock.say(f"{answered} forecasts received, {time.monotonic() - started:.1f} s after the first reading")
     return None
 
 
-def _stop_daemon(daemon, listener: _Listener, watch: _Watch, clock: _Clock,
+def _stop_daemon(daemon: DaemonProcess, listener: _Listener, watch: _Watch, clock: _Clock,
                  timeout: float = 30.0) -> str | None:
-    if daemon.poll() is not None:
+    if not daemon.alive():
         return None  # already reported
-    daemon.send_signal(signal.SIGTERM)
     try:
-        code = daemon.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        code = daemon.terminate(timeout=timeout)
+    except DaemonError:  # killed
         return f"the daemon ignored SIGTERM for {timeout:g} s"
     deadline = time.monotonic() + 10.0
     while watch.status[-1:] != ["stopped"] and time.monotonic() < deadline:
@@ -378,19 +367,19 @@ def _summary(watch: _Watch, live: SimData, clock: _Clock, kept: Path | None) -> 
     print()
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    answered = sum(watch.forecasts[p] for p in live.devices)
+    total = sum(watch.forecasts[p] for p in live.devices)
     published = watch.published
     detected = len(INJECTED) - len(missed)
     print(f"\n  faults detected: {detected}/{len(INJECTED)}; false alarms: "
           + (", ".join(f"{d} at reading {k}" for d, k in false_alarms) or "none")
-          + f"; readings answered: {answered} forecasts / {published} readings published")
+          + f"; readings answered: {total} forecasts / {published} readings published")
     failures = []
     if missed:
         failures.append("not detected: " + ", ".join(missed))
     if published != steps * len(live.devices):
         failures.append(f"the broker acknowledged only {published} of {steps * len(live.devices)} readings")
-    if answered < published:
-        failures.append(f"only {answered} of {published} readings got a forecast")
+    if total < published:
+        failures.append(f"only {total} of {published} readings got a forecast")
     if kept:
         print(f"  files kept in {kept}: history.csv, run/, model.onnx, daemon.toml, daemon.log, mosquitto/")
     clock.say("done")

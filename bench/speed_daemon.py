@@ -23,38 +23,45 @@ bare subscriber, and the paced publisher (one Python process publishing thousand
 QoS 1 readings a second would otherwise lag, and its lag would be counted as the
 daemon's). Their timestamps are ``time.monotonic()``, one clock for all processes.
 
-The bench's own publisher and listeners set TCP_NODELAY: one connection stands in for a
-thousand devices, each of which would send on its own idle connection, where Nagle's
-algorithm never holds a packet. The daemon and the bare subscriber keep paho's defaults.
-torch is never imported here, and ``torch_loaded`` reads the daemon's /proc/PID/maps.
+The load side (publishers, listeners, the bare subscriber) is :mod:`.mqtt_load`; the daemon
+runs as :class:`~faultwatch.runtime.devtools.daemon_process.DaemonProcess`, as in the tests
+and the demo. torch is never imported here, and ``torch_loaded`` reads the daemon's
+/proc/PID/maps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from faultwatch.bench.mqtt_load import (
+    PREFIX,
+    PROBE,
+    TOPIC,
+    Arrivals,
+    BareSubscriber,
+    Paced,
+    close_client,
+    connect_client,
+    publish_all,
+    reading_payloads,
+    run_paced,
+    wait_until,
+)
 from faultwatch.runtime.daemon.payload import encode_reading
+from faultwatch.runtime.devtools.daemon_process import DaemonProcess
 from faultwatch.runtime.devtools.simulator import CHANNELS, device_ids, simulate
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-PROBE = "bench-probe"
-TOPIC = "sensors/{device}"
-PREFIX = "faultwatch"
 BIG_RATE = 5000.0  # readings/s offered in the 10,000-device phase
 BIG_EVERY = 20  # there, latency is measured on every 20th device
 
@@ -80,166 +87,19 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _wait(predicate, timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)  # polling interval
-    return True
-
-
-# -- MQTT helpers ------------------------------------------------------------------------
-
-
-def _nodelay(client, userdata, sock) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _client(host: str, port: int, client_id: str = "", persistent: bool = False) -> mqtt.Client:
-    """A connected paho client of the bench (TCP_NODELAY) with its network thread running."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.on_socket_open = _nodelay
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    connected = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p: connected.set()
-    props = None
-    if persistent:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-    client.connect(host, port, keepalive=60, clean_start=not persistent, properties=props)
-    client.loop_start()
-    if not connected.wait(10):
-        client.loop_stop()
-        raise RuntimeError(f"bench: no CONNACK from {host}:{port}")
-    return client
-
-
-def _subscribe(client: mqtt.Client, topics: list[str]) -> None:
-    done = threading.Event()
-    client.on_subscribe = lambda c, u, mid, rcs, p: done.set()
-    client.subscribe([(t, 1) for t in topics])
-    if not done.wait(10):
-        raise RuntimeError(f"bench: no SUBACK for {len(topics)} topic(s)")
-
-
-def _close(client: mqtt.Client) -> None:
-    client.disconnect()
-    client.loop_stop()
-
-
-class Arrivals:
-    """(topic, payload, monotonic time) of every message; the network thread only appends."""
-
-    def __init__(self, host: str, port: int, topics: list[str]):
-        self.items: list[tuple[str, bytes, float]] = []
-        self.client = _client(host, port)
-        self.client.on_message = lambda c, u, m: self.items.append((m.topic, m.payload, time.monotonic()))
-        _subscribe(self.client, topics)
-
-    def count(self, suffix: str) -> int:
-        """Messages on topics ending with ``suffix``, the cold-start probe's left out."""
-        return sum(1 for topic, _, _ in list(self.items) if topic.endswith(suffix) and PROBE not in topic)
-
-    def by_reading(self, kind: str) -> dict[tuple[str, float], float]:
-        """(device, ts) → receipt time, of the forecasts (kind "forecast") or readings ("reading")."""
-        head, tail = (PREFIX, "forecast") if kind == "forecast" else (TOPIC.split("/")[0], None)
-        out = {}
-        for topic, payload, t in list(self.items):
-            parts = topic.split("/")
-            if parts[0] == head and (tail is None or parts[-1] == tail):
-                out[(parts[1], round(json.loads(payload)["ts"], 3))] = t
-        return out
-
-    def close(self) -> None:
-        _close(self.client)
-
-
-def _payloads(devices: int, steps: int, seed: int) -> tuple[list[str], np.ndarray, list[list[bytes]]]:
-    """Simulated readings as ready MQTT payloads: ids, timestamps [T], payloads[t][d]."""
-    data = simulate(devices=devices, steps=steps, seed=seed)
-    values = data.values.tolist()
-    payloads = [[encode_reading(float(ts), dict(zip(CHANNELS, values[d][k], strict=True)))
-                 for d in range(devices)] for k, ts in enumerate(data.timestamps)]
-    return data.devices, data.timestamps, payloads
-
-
-def _publish_all(publisher: mqtt.Client, ids: list[str], payloads: list[list[bytes]],
-                 timeout: float = 120) -> None:
-    infos = [publisher.publish(TOPIC.format(device=d), p, qos=1)
-             for step in payloads for d, p in zip(ids, step, strict=True)]
-    deadline = time.monotonic() + timeout
-    for info in infos:
-        info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-    if not all(info.is_published() for info in infos):
-        raise RuntimeError("bench: the broker did not acknowledge every queued reading")
-
-
 # -- the daemon process ------------------------------------------------------------------
 
 
-class DaemonProcess:
-    """``faultwatch run`` as a subprocess with its own config and log."""
-
-    def __init__(self, model: Path, address: str, workdir: Path, client_id: str, max_devices: int):
-        self.log_path = workdir / f"{client_id}.log"
-        self.config_path = workdir / f"{client_id}.toml"
-        self.config_path.write_text(
-            f'log_level = "INFO"\n[broker]\nclient_id = "{client_id}"\nsession_expiry_s = 3600\n'
-            f"[output]\nstats_interval_s = 0.0\n[engine]\nmax_devices = {max_devices}\n"
-            # Metrics stay on, on a free port: 9108 may be taken by a daemon already running here.
-            '[metrics]\nlisten = "127.0.0.1:0"\n'
-        )
-        self.argv = [sys.executable, "-m", "faultwatch.runtime.cli", "run", "--model", str(model),
-                     "--broker", address, "--config", str(self.config_path)]
-        self.proc: subprocess.Popen | None = None
-        self.launched = 0.0
-
-    def start(self) -> DaemonProcess:
-        with self.log_path.open("ab") as log:
-            self.launched = time.monotonic()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        return self
-
-    def _status_mb(self, key: str) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB → MB
-        raise RuntimeError(f"no {key} in /proc/{self.proc.pid}/status")
-
-    def peak_rss_mb(self) -> float:
-        return self._status_mb("VmHWM")
-
-    def torch_loaded(self) -> bool:
-        maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
-        return "libtorch" in maps or "/torch/" in maps
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> dict:
-        """SIGTERM (SIGCONT first, in case it is paused), wait; the counters of its "stopping:" line."""
-        if self.proc is None:
-            return {}
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for line in reversed(self.log_path.read_text(errors="replace").splitlines()):
-            if "stopping: " in line:
-                return json.loads(line.split("stopping: ", 1)[1])
-        return {}
+def _daemon(model: Path, address: str, workdir: Path, client_id: str, max_devices: int) -> DaemonProcess:
+    """``faultwatch run`` for the bench, not started yet."""
+    return DaemonProcess(model, address, workdir, client_id, {
+        "log_level": "INFO",
+        "broker": {"client_id": client_id, "session_expiry_s": 3600},
+        "output": {"stats_interval_s": 0.0},
+        "engine": {"max_devices": max_devices},
+        # Metrics stay on, on a free port: 9108 may be taken by a daemon already running here.
+        "metrics": {"listen": "127.0.0.1:0"},
+    })
 
 
 def _probe_until_forecast(daemon: DaemonProcess, publisher: mqtt.Client, arrivals: Arrivals,
@@ -258,61 +118,6 @@ def _probe_until_forecast(daemon: DaemonProcess, publisher: mqtt.Client, arrival
     raise RuntimeError(f"no forecast within {timeout:g} s of launch:\n{daemon.log_tail()}")
 
 
-# -- paced load (a child process) --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Paced:
-    """What the paced publisher sends: steps [first, last) of a simulated fleet, one reading
-    per device per ``period_s``, the devices spread over the period in 20 slices."""
-
-    host: str
-    port: int
-    devices: int
-    total_steps: int  # of the simulated stream, so every phase continues the same time line
-    seed: int
-    first: int
-    last: int
-    period_s: float
-    every: int  # send times are reported for every `every`-th device
-
-
-def paced_publisher() -> None:
-    """Child process: publish as :class:`Paced` (JSON in argv[1]) says; print the send times."""
-    spec = Paced(**json.loads(sys.argv[1]))
-    ids, stamps, payloads = _payloads(spec.devices, spec.total_steps, spec.seed)
-    client = _client(spec.host, spec.port)
-    slices = 20
-    per = -(-len(ids) // slices)
-    sent, infos = [], []
-    start = time.monotonic()
-    for k in range(spec.first, spec.last):
-        ts = round(float(stamps[k]), 3)
-        for j in range(slices):
-            delay = start + ((k - spec.first) + j / slices) * spec.period_s - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)  # pacing: the devices report spread over the period
-            for d in range(j * per, min((j + 1) * per, len(ids))):
-                if d % spec.every == 0:
-                    sent.append((ids[d], ts, time.monotonic()))
-                infos.append(client.publish(TOPIC.format(device=ids[d]), payloads[k][d], qos=1))
-    elapsed = time.monotonic() - start
-    for info in infos:
-        info.wait_for_publish(timeout=60)
-    _close(client)
-    print(json.dumps({"sent": sent, "start": start, "elapsed": elapsed,
-                      "acked": sum(info.is_published() for info in infos)}))
-
-
-def _run_paced(spec: Paced) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", "from faultwatch.bench.speed_daemon import paced_publisher; "
-         "paced_publisher()", json.dumps(asdict(spec))],
-        capture_output=True, text=True, timeout=(spec.last - spec.first) * spec.period_s + 120, check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench: the paced publisher failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _paced_latency(spec: Paced, arrivals: Arrivals) -> dict:
@@ -325,14 +130,14 @@ def _paced_latency(spec: Paced, arrivals: Arrivals) -> dict:
     → the forecast's arrival: the daemon's part).
     """
     tracked = len(range(0, spec.devices, spec.every))
-    warm = _run_paced(Paced(**(asdict(spec) | {"last": spec.first + 1})))
-    if not _wait(lambda: arrivals.count("/forecast") >= tracked, timeout=120):
+    warm = run_paced(Paced(**(asdict(spec) | {"last": spec.first + 1})))
+    if not wait_until(lambda: arrivals.count("/forecast") >= tracked, timeout=120):
         raise RuntimeError(f"bench: {arrivals.count('/forecast')} of {tracked} first forecasts arrived")
     first_seen = max(t for topic, _, t in arrivals.items
                      if topic.endswith("/forecast") and PROBE not in topic) - warm["start"]
-    run = _run_paced(Paced(**(asdict(spec) | {"first": spec.first + 1})))
+    run = run_paced(Paced(**(asdict(spec) | {"first": spec.first + 1})))
     expected = tracked * (spec.last - spec.first)
-    _wait(lambda: arrivals.count("/forecast") >= expected, timeout=60)
+    wait_until(lambda: arrivals.count("/forecast") >= expected, timeout=60)
     forecasts, readings = arrivals.by_reading("forecast"), arrivals.by_reading("reading")
     sent = {(device, ts): t for device, ts, t in run["sent"]}
     total = np.array([forecasts[k] - t for k, t in sent.items() if k in forecasts]) * 1e3
@@ -363,7 +168,7 @@ def _paho_latency(host: str, port: int, publisher: mqtt.Client, n: int) -> dict:
                 time.sleep(delay)  # 1,000 messages/s
             sent.append(time.monotonic())
             publisher.publish(f"bench/echo/{i}", b'{"ts": 1}', qos=1)
-        _wait(lambda: len(arrivals.items) >= n, timeout=20)
+        wait_until(lambda: len(arrivals.items) >= n, timeout=20)
         got = {int(topic.rsplit("/", 1)[1]): t for topic, _, t in arrivals.items}
         lat = np.array([got[i] - t for i, t in enumerate(sent) if i in got]) * 1e3
         return {"paho_p50_ms": float(np.percentile(lat, 50)), "paho_p99_ms": float(np.percentile(lat, 99))}
@@ -372,60 +177,6 @@ def _paho_latency(host: str, port: int, publisher: mqtt.Client, n: int) -> dict:
 
 
 # -- throughput ------------------------------------------------------------------------
-
-
-class BareSubscriber:
-    """The baseline: a paho client with a persistent QoS 1 session that only counts.
-
-    It runs in a process of its own, as the daemon does, so neither shares an
-    interpreter (GIL, garbage collector) with the bench's publisher and listeners.
-    """
-
-    client_id = "bench-bare-subscriber"
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self._child("subscribe", 0)
-
-    def _child(self, mode: str, expected: int, timeout: float = 120) -> dict:
-        proc = subprocess.run(
-            [sys.executable, "-c", "from faultwatch.bench.speed_daemon import bare_subscriber; "
-             "bare_subscriber()", self.host, str(self.port), mode, str(expected)],
-            capture_output=True, text=True, timeout=timeout + 30, check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench: the bare subscriber failed:\n{proc.stderr[-2000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    def drain(self, expected: int) -> float:
-        """Connect, take the queued readings, disconnect; messages/s from the first to the last."""
-        return self._child("drain", expected)["rate"]
-
-
-def bare_subscriber() -> None:
-    """Child process of :class:`BareSubscriber`; argv: host port subscribe|drain expected."""
-    host, port, mode, expected = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    if mode == "subscribe":
-        client = _client(host, port, BareSubscriber.client_id, persistent=True)
-        _subscribe(client, [TOPIC.format(device="+")])
-        _close(client)
-        print(json.dumps({"subscribed": True}))
-        return
-    times: list[float] = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BareSubscriber.client_id,
-                         protocol=mqtt.MQTTv5)
-    client.on_message = lambda c, u, m: times.append(time.monotonic())
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    client.connect(host, port, keepalive=60, clean_start=False, properties=props)
-    client.loop_start()
-    try:
-        _wait(lambda: len(times) >= expected, 120)
-    finally:
-        _close(client)
-    if len(times) < expected:
-        raise SystemExit(f"got {len(times)} of {expected} readings")
-    print(json.dumps({"rate": (len(times) - 1) / (times[-1] - times[0]), "received": len(times)}))
 
 
 def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
@@ -444,10 +195,10 @@ def _drain_daemon(daemon: DaemonProcess, host: str, port: int, ids: list[str], s
     ends = Arrivals(host, port, [f"{PREFIX}/{ids[0]}/forecast", f"{PREFIX}/{ids[-1]}/forecast"])
     spy = None
     try:
-        daemon.proc.send_signal(signal.SIGCONT)
+        daemon.signal(signal.SIGCONT)
         if profile_to:
-            spy = _profile(daemon.proc.pid, len(ids) * steps / 4000 + 2, profile_to)
-        if not _wait(lambda: len(ends.items) >= 2 * steps, timeout=180):
+            spy = _profile(daemon.pid, len(ids) * steps / 4000 + 2, profile_to)
+        if not wait_until(lambda: len(ends.items) >= 2 * steps, timeout=180):
             raise RuntimeError(f"bench: the daemon did not drain {len(ids) * steps} readings:\n"
                                f"{daemon.log_tail()}")
     finally:
@@ -485,15 +236,15 @@ def bench_daemon(model: Path, workdir: Path, counts: DaemonCounts, profile: bool
     publisher = None
     result: dict = {"devices": counts.devices, "big_devices": counts.big_devices, "cold_starts_s": []}
     try:
-        publisher = _client(host, port)
+        publisher = connect_client(host, port)
         # One time line per device: warm-up, the paced rounds, then the drain rounds.
         paced_steps = counts.paced_s + 1
         total = paced_steps + counts.drain_rounds * counts.drain_steps
-        ids, _, stream = _payloads(counts.devices, total, seed=11)
+        ids, _, stream = reading_payloads(counts.devices, total, seed=11)
 
         # 1 + 2: cold start, then paced latency and RSS at `devices` devices.
         listener = _listen(host, port, ids, 1)
-        daemon = DaemonProcess(model, broker.address, workdir, "bench-daemon-1k", counts.devices + 1)
+        daemon = _daemon(model, broker.address, workdir, "bench-daemon-1k", counts.devices + 1)
         daemons.append(daemon)
         result["cold_starts_s"].append(_probe_until_forecast(daemon.start(), publisher, listener))
         _say(f"daemon: first forecast {result['cold_starts_s'][0]:.2f} s after launch; "
@@ -516,8 +267,8 @@ def bench_daemon(model: Path, workdir: Path, counts: DaemonCounts, profile: bool
         profile_to = workdir / "daemon-drain.pyspy.txt" if profile else None
         for r in range(counts.drain_rounds):
             burst = stream[paced_steps + r * counts.drain_steps:paced_steps + (r + 1) * counts.drain_steps]
-            daemon.proc.send_signal(signal.SIGSTOP)
-            _publish_all(publisher, ids, burst)
+            daemon.signal(signal.SIGSTOP)
+            publish_all(publisher, ids, burst)
             for who in ("bare", "daemon") if r % 2 == 0 else ("daemon", "bare"):
                 if who == "bare":
                     rates["bare"].append(bare.drain(n))
@@ -532,7 +283,8 @@ def bench_daemon(model: Path, workdir: Path, counts: DaemonCounts, profile: bool
         daemon.check_alive()
         result["rss_mb_drain"] = daemon.peak_rss_mb()
         result["torch_loaded"] |= daemon.torch_loaded()
-        result["daemon_counters"] = daemon.stop()
+        daemon.stop()
+        result["daemon_counters"] = daemon.stopping_counters()
         _say(f"daemon drained {result['readings_per_s']:,.0f} readings/s, bare paho subscriber "
              f"{result['paho_baseline_per_s']:,.0f}/s (medians)")
         result |= _paho_latency(host, port, publisher, counts.echo_messages)
@@ -540,7 +292,7 @@ def bench_daemon(model: Path, workdir: Path, counts: DaemonCounts, profile: bool
         # 4: `big_devices` devices, paced below the daemon's capacity: the peak is the devices'
         # state, not a backlog.
         listener = _listen(host, port, device_ids(counts.big_devices), BIG_EVERY)
-        big = DaemonProcess(model, broker.address, workdir, "bench-daemon-10k", counts.big_devices + 1)
+        big = _daemon(model, broker.address, workdir, "bench-daemon-10k", counts.big_devices + 1)
         daemons.append(big)
         result["cold_starts_s"].append(_probe_until_forecast(big.start(), publisher, listener))
         period = counts.big_devices / BIG_RATE
@@ -560,7 +312,7 @@ def bench_daemon(model: Path, workdir: Path, counts: DaemonCounts, profile: bool
         for d in daemons:
             d.stop()
         if publisher is not None:
-            _close(publisher)
+            close_client(publisher)
         broker.stop()
     result["cold_start_s"] = result["cold_starts_s"][0]
     result["cold_start_median_s"] = statistics.median(result["cold_starts_s"])

@@ -211,9 +211,9 @@ class Daemon:
             self.counters["metrics_errors"] += 1
         i = self.config.input
         part = f" (the devices of partition {i.partition} of {i.partitions})" if i.partitions > 1 else ""
-        log.info("faultwatch daemon: model %s (sha256 %s…), %d features, reading %s%s",
+        log.info("faultwatch daemon: model %s (sha256 %s…), %d features, reading %s%s; %s MQTT client",
                  self.config.model, self.model.sha256[:12], len(self.features),
-                 ", ".join(self.inbox.topics.subscriptions), part)
+                 ", ".join(self.inbox.topics.subscriptions), part, self.client.kind)
         stats_every = self.config.output.stats_interval_s
         now = time.monotonic()
         next_stats, next_prune = now + (stats_every or float("inf")), now + 1.0

@@ -132,8 +132,18 @@ class DaemonProcess:
 
     # -- the process ---------------------------------------------------------------------------
 
+    @property
+    def pid(self) -> int:
+        self.check_alive()
+        assert self.proc is not None
+        return self.proc.pid
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """Its exit code; None while it runs (or before it was started)."""
+        return None if self.proc is None else self.proc.poll()
 
     def check_alive(self) -> None:
         if not self.alive():

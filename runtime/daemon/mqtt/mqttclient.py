@@ -92,6 +92,8 @@ def _varint(n: int) -> bytes:
 
 
 class BufferedClient(mqtt.Client):
+    kind = "fast"  # broker.client's name for it
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._rbuf = b""

@@ -32,6 +32,7 @@ log = logging.getLogger("faultwatch")
 class Transport(Protocol):
     """What the daemon uses of an MQTT client (paho's signatures; callbacks are paho's VERSION2)."""
 
+    kind: str  # "fast" or "paho", as broker.client names it
     on_connect: Callable[..., None] | None
     on_connect_fail: Callable[..., None] | None
     on_subscribe: Callable[..., None] | None
@@ -62,6 +63,8 @@ class Transport(Protocol):
 
 class StockClient(mqtt.Client):
     """paho's client as shipped, public API only; see the module doc for what that costs."""
+
+    kind = "paho"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -120,10 +120,13 @@ def sent_ts(data: SimData) -> set[float]:
 # -- tests ---------------------------------------------------------------------------------
 
 
-def test_answers_every_reading_and_reports_its_status(broker, start_daemon, trained: TrainedModels):
+@pytest.mark.parametrize("client", ["fast", "paho"])
+def test_answers_every_reading_and_reports_its_status(broker, start_daemon, trained: TrainedModels,
+                                                      client: str):
     with MqttRecorder(broker.host, broker.port, "faultwatch/#") as recorder:
-        daemon = start_daemon()
+        daemon = start_daemon(client_id=f"faultwatch-test-{client}", broker={"client": client})
         wait_until_serving(daemon, recorder, broker)
+        assert f"; {client} MQTT client" in daemon.log()
         online = retained(broker, "faultwatch/status", lambda msgs: len(msgs) >= 1)
         assert [(m.payload, m.retain) for m in online] == [(b"online", True)]
 
@@ -157,6 +160,16 @@ def test_answers_every_reading_and_reports_its_status(broker, start_daemon, trai
         stopped = retained(broker, "faultwatch/status", lambda msgs: len(msgs) >= 1)
         assert [(m.payload, m.retain) for m in stopped] == [(b"stopped", True)]
         assert "stopping" in daemon.log()
+
+        # Every reading was acknowledged: its persistent session resumed, the broker has none
+        # of them to send again (the restarted daemon, without a state_dir, would answer them).
+        # The broker sends what it held before the probe, so the probe's answer comes after theirs.
+        answered = [f for f in forecasts(recorder) if f[0] in data.devices]
+        daemon.start()
+        wait_until_serving(daemon, recorder, broker, device="probe-after-restart")
+        assert "session present: True" in daemon.current_log()
+        assert [f for f in forecasts(recorder) if f[0] in data.devices] == answered, daemon.current_log()
+        assert daemon.terminate() == 0
 
 
 def test_online_is_announced_only_once_readings_are_subscribed(broker, start_daemon):
