@@ -58,9 +58,21 @@ class ExportOptions:
     warmup: int = 30
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename; readable like any file the user writes (0644 under umask 022).
+
+    mkstemp makes 0600 files: copied to an edge device as they are, the service user
+    could not read the model.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644 & ~_umask())
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -139,7 +151,8 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
     provenance = dict(payload["provenance"]) | {
         "opset": OPSET, "exported_with": VERSION,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    placeholder = Calibration((1.0,) * len(prepared.targets), float("inf"), options.quantile,
+    # The draft only streams forecasts to calibrate on; a valid contract needs a finite threshold.
+    placeholder = Calibration((1.0,) * len(prepared.targets), 1.0, options.quantile,
                               options.factor, options.score_span, options.warmup, 0)
     architecture = {
         "peephole": model.config.peephole, "dense": model.config.dense,
@@ -224,5 +237,5 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
         raise ExportError(f"session check failed, nothing written: with {worst.replace('_', ' ')} the "
                           f"forecasts differ by {sessions[worst]:.3g} (tolerance {tolerance:g})")
     _atomic_write(out, data)
-    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _atomic_write(out.with_suffix(".report.json"), (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -158,6 +159,9 @@ def cmd_replay(args) -> int:
 
 
 def cmd_run(args) -> int:
+    # onnxruntime otherwise keeps a telemetry event queue under ~/.cache, which is the state dir
+    # under the systemd unit and the image. Set before anything imports onnxruntime.
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
     from faultwatch.runtime.daemon.config import example_config, load_config
 
     if args.example_config:
@@ -424,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if isinstance(exc, user_errors()):
-            print(f"faultwatch {args.command}: {exc}", file=sys.stderr)
+            for line in str(exc).splitlines() or [type(exc).__name__]:  # a config: a line per problem
+                print(f"faultwatch {args.command}: {line}", file=sys.stderr)
             return 2
         raise
 

@@ -20,6 +20,7 @@ from faultwatch.runtime.devtools.daemon_process import DaemonProcess, toml_text
 from faultwatch.runtime.devtools.simulator import CHANNELS, SimData
 from faultwatch.runtime.engine.engine import Output, Reading
 from helpers import Received, wait_for
+from model_fixtures import with_edited_contract
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -212,15 +213,9 @@ def as_readings(rows: list[tuple[str, float, np.ndarray]]) -> list[Reading]:
 
 def renamed_feature_model(src: Path, dst: Path) -> Path:
     """The same graph with another contract: one feature renamed in the metadata."""
-    import onnx
-    from faultwatch.runtime.engine.contract import METADATA_KEY
 
-    model = onnx.load(str(src))
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            contract = json.loads(prop.value)
-            contract["features"] = ["supply_voltage" if f == "voltage" else f for f in contract["features"]]
-            contract["targets"] = ["supply_voltage" if f == "voltage" else f for f in contract["targets"]]
-            prop.value = json.dumps(contract)
-    onnx.save(model, str(dst))
-    return dst
+    def rename(contract: dict) -> None:
+        for key in ("features", "targets"):
+            contract[key] = ["supply_voltage" if f == "voltage" else f for f in contract[key]]
+
+    return with_edited_contract(src, dst, rename)

@@ -17,6 +17,7 @@ calibrated and parity-checked by export itself.
                     tests/data/tiny-int8.onnx (hidden (8, 4), made by tests/data/make_tiny_models.py):
                     a really trained model that needs no torch, for ``make unit``
 ``tiny_fp32_model`` the same model exported as fp32 (tests/data/tiny-fp32.onnx)
+:func:`with_edited_contract` copies a model with its contract metadata edited (crafted models).
 
 The model is small on purpose (hidden (16, 8), dense 8) and trained for a few
 epochs with a larger learning rate and shorter chunks than the defaults, so
@@ -27,12 +28,30 @@ cores. Training runs once per session; tests must not modify these files
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from faultwatch.runtime.devtools.simulator import SimData, simulate, write_csv
+
+
+def with_edited_contract(src: Path, dst: Path, edit: Callable[[dict], object]) -> Path:
+    """Copy of ``src`` whose contract JSON (a dict) went through ``edit``; the graph is untouched."""
+    import onnx
+    from faultwatch.runtime.engine.contract import METADATA_KEY
+
+    proto = onnx.load(src)
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            raw = json.loads(prop.value)
+            edit(raw)
+            prop.value = json.dumps(raw)
+    onnx.save(proto, dst)
+    return dst
+
 
 TRAIN_DEVICES = 2
 TRAIN_STEPS = 1500

@@ -10,26 +10,37 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from faultwatch.runtime.daemon.topics import TopicError, TopicMatcher
-
-CLIENTS = ("fast", "paho")  # broker.client: see faultwatch.runtime.daemon.mqtt.transport
+from faultwatch.runtime.daemon.config_checks import cross_key_problems, listen_problem
+from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS
 
 
 class ConfigError(ValueError):
-    """The configuration is wrong; the message names the key."""
+    """The configuration is wrong: one line per problem, each naming its key."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+DEFAULT_CLIENT_ID = "faultwatch-{hostname}"
+#: Keys that were renamed: an old config is refused with a pointer to the new key.
+MOVED = {"reload.mqtt_command": "commands.enabled, off by default"}
 
 
 @dataclass
 class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
-    client_id: str = "faultwatch"  # also names the persistent session at the broker
+    # Names the persistent session at the broker: stable across restarts, unique per daemon.
+    # {hostname} is this machine's name; a partitioned daemon's default id ends in -p{partition}.
+    client_id: str = DEFAULT_CLIENT_ID
     client: str = "fast"  # MQTT client: "fast" (paho, per-message costs cut) or "paho" (paho as shipped)
     username: str = ""
     password_env: str = "FAULTWATCH_MQTT_PASSWORD"  # read from this environment variable, or
@@ -101,9 +112,21 @@ class MetricsConfig:
 
 
 @dataclass
+class CommandsConfig:
+    # {prefix}/command/reload (reloads the model, as SIGHUP does). Off: anyone who may publish
+    # there could make the daemon act; enable it with a broker ACL that limits who may.
+    enabled: bool = False
+
+
+@dataclass
 class ReloadConfig:
-    mqtt_command: bool = True  # {prefix}/command/reload reloads the model, as SIGHUP does
     min_interval_s: float = 5.0  # reload requests closer together than this are merged
+
+
+@dataclass
+class LogConfig:
+    # auto: journald's level prefixes when stderr goes to the journal, else plain text.
+    format: str = "auto"
 
 
 @dataclass
@@ -112,6 +135,7 @@ class Config:
     state_dir: str = ""
     snapshot_interval_s: float = 60.0
     log_level: str = "INFO"
+    log: LogConfig = field(default_factory=LogConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -119,6 +143,7 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
     def password(self) -> str | None:
         """The broker password from the file or environment; never from the config text."""
@@ -165,11 +190,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "engine.window_n": (1, 62),
     "engine.clear_m": (1, 1_000_000),
     "engine.clear_ratio": (0.01, 1),
-    "engine.max_gap_periods": (1, 1e9),
+    "engine.max_gap_periods": (1, MAX_GAP_PERIODS),
     "metrics.per_device_max": (0, 10_000),
     "reload.min_interval_s": (0, 3600),
 }
-MAX_TOPICS = 16
 
 
 def _type_ok(kind, value) -> bool:
@@ -185,93 +209,108 @@ def _type_name(kind) -> str:
     return str(kind) if isinstance(kind, types.UnionType) else kind.__name__
 
 
-def _fill(obj: Any, raw: dict, path: str) -> None:
+def _fill(obj: Any, raw: dict, path: str, problems: list[str]) -> None:
+    """Set each key of ``raw`` on ``obj``, checked alone; every problem is appended, none raised."""
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in raw.items():
         where = f"{path}{key}"
         if key not in names:
-            raise ConfigError(f"unknown key {where!r}")
+            moved = MOVED.get(where)
+            problems.append(f"unknown key {where!r}" + (f" (now {moved})" if moved else ""))
+            continue
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where} must be a table")
-            _fill(getattr(obj, key), value, f"{where}.")
+                problems.append(f"{where} must be a table")
+            else:
+                _fill(getattr(obj, key), value, f"{where}.", problems)
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not _type_ok(kind, value):
-            raise ConfigError(f"{where} must be {_type_name(kind)}, got {type(value).__name__}")
+            problems.append(f"{where} must be {_type_name(kind)}, got {type(value).__name__}")
+            continue
         lo, hi = BOUNDS.get(where, (None, None))
         if lo is not None and not lo <= value <= hi:
-            raise ConfigError(f"{where} = {value} is out of range [{lo}, {hi}]")
+            problems.append(f"{where} = {value} is out of range [{lo}, {hi}]")
+            continue
         setattr(obj, key, value)
 
 
-def _topic_level_prefix(value: str, where: str) -> None:
-    if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
-        raise ConfigError(f"{where} = {value!r}: needs a topic prefix without wildcards or outer '/'")
-
-
 def validate(config: Config) -> Config:
-    """Checks across keys, after every key was checked alone; returns ``config``."""
-    topics = config.topics
-    if not 1 <= len(topics) <= MAX_TOPICS:
-        raise ConfigError(f"input.topic: give 1 to {MAX_TOPICS} templates")
-    try:
-        TopicMatcher(topics)
-    except TopicError as exc:
-        raise ConfigError(f"input.topic: {exc}") from None
-    _topic_level_prefix(config.output.prefix, "output.prefix")
-    _topic_level_prefix(config.homeassistant.prefix, "homeassistant.prefix")
-    if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
-    if config.engine.raise_k > config.engine.window_n:
-        raise ConfigError("engine.raise_k must be <= engine.window_n")
-    if config.input.partition >= config.input.partitions:
-        raise ConfigError(f"input.partition = {config.input.partition} must be below "
-                          f"input.partitions = {config.input.partitions} (partitions are numbered from 0)")
-    if config.broker.reconnect_min_s > config.broker.reconnect_max_s:
-        raise ConfigError("broker.reconnect_min_s must be <= broker.reconnect_max_s")
-    if config.metrics.listen:
-        listen_address(config.metrics.listen)
-    if config.broker.client not in CLIENTS:
-        raise ConfigError(f"broker.client must be one of {', '.join(map(repr, CLIENTS))}, "
-                          f"got {config.broker.client!r}")
-    if bool(config.broker.tls_cert_file) != bool(config.broker.tls_key_file):
-        raise ConfigError("broker.tls_cert_file and broker.tls_key_file go together")
-    if config.broker.tls_cert_file and not config.broker.tls_ca_file:
-        raise ConfigError("broker.tls_cert_file needs broker.tls_ca_file")
+    """Checks across keys, after every key was checked alone; returns ``config``.
+
+    Raises one :class:`ConfigError` listing every problem found.
+    """
+    problems = cross_key_problems(config)
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
+def resolve_client_id(config: Config, hostname: str | None = None) -> str:
+    """``broker.client_id`` with ``{hostname}`` filled in; the default also names the partition.
+
+    Two daemons with one id take the session from each other in turn, so the default is
+    unique per host (and per partition on it).
+
+    >>> c = Config()
+    >>> resolve_client_id(c, "edge-7")
+    'faultwatch-edge-7'
+    >>> c.input.partitions, c.input.partition = 3, 2
+    >>> resolve_client_id(c, "edge-7")
+    'faultwatch-edge-7-p2'
+    """
+    template = config.broker.client_id
+    client_id = template.replace("{hostname}", hostname or socket.gethostname() or "localhost")
+    if template == DEFAULT_CLIENT_ID and config.input.partitions > 1:
+        client_id += f"-p{config.input.partition}"
+    return client_id
+
+
 def listen_address(text: str) -> tuple[str, int]:
+    problem = listen_problem(text)
+    if problem:
+        raise ConfigError(problem)
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"metrics.listen = {text!r}: expected HOST:PORT (port 0 = any free one) or \"\"")
     return host.strip("[]"), int(port)
 
 
 def parse_config(text: str, source: str = "config") -> Config:
     """A Config from TOML text: defaults, then the keys given (each checked); no cross-key checks."""
+    problems: list[str] = []
+    config = _parse(text, source, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _parse(text: str, source: str, problems: list[str]) -> Config:
+    config = Config()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    config = Config()
-    _fill(config, raw, "")
+        problems.append(f"{source}: not valid TOML: {exc}")
+        return config
+    _fill(config, raw, "", problems)
     return config
 
 
 def load_config(path: str | None, args: Any = None) -> Config:
-    """Defaults ← TOML file ← command-line flags (``--model``, ``--broker``, ``--state-dir``)."""
+    """Defaults ← TOML file ← command-line flags (``--model``, ``--broker``, ``--state-dir``).
+
+    Every problem is reported at once (one :class:`ConfigError`, a line each); the returned
+    config has ``broker.client_id`` resolved (:func:`resolve_client_id`).
+    """
+    problems: list[str] = []
     config = Config()
     if path:
         try:
             text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        config = parse_config(text, path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        config = _parse(text, path, problems)
     if args is not None:
         if getattr(args, "model", None):
             config.model = args.model
@@ -279,9 +318,12 @@ def load_config(path: str | None, args: Any = None) -> Config:
             config.broker.host, config.broker.port = args.broker
         if getattr(args, "state_dir", None):
             config.state_dir = args.state_dir
-    validate(config)
+    problems += cross_key_problems(config)
     if not config.model:
-        raise ConfigError("no model: give --model or model = \"...\" in the config")
+        problems.append("no model: give --model or model = \"...\" in the config")
+    if problems:
+        raise ConfigError(problems)
+    config.broker.client_id = resolve_client_id(config)
     return config
 
 

@@ -38,6 +38,7 @@ from faultwatch.runtime.daemon.daemon_metrics import render
 from faultwatch.runtime.daemon.emitter import Emitter
 from faultwatch.runtime.daemon.inbox import Inbox, InboxItem
 from faultwatch.runtime.daemon.intake import Collected, Intake, in_time_order
+from faultwatch.runtime.daemon.logformat import configure_logging
 from faultwatch.runtime.daemon.metrics import TimedModel
 from faultwatch.runtime.daemon.mqtt.connection import Connection
 from faultwatch.runtime.daemon.observability import Observability, StatsSnapshot
@@ -77,13 +78,14 @@ class Daemon:
         self.stop = threading.Event()
         self.counters: Counter = Counter()  # counted by the engine thread
         self.reloader = Reloader(config, self.counters, self._reload_result)
-        command_topic = f"{self.prefix}/command/reload"
+        # Commands are off unless enabled; off, no topic is one ("" matches none).
+        command_topic = f"{self.prefix}/command/reload" if config.commands.enabled else ""
         self.inbox = Inbox(config, self.model.contract.features, command_topic, self.reloader.requested.set)
         self.intake = Intake(config, self.model.contract, self.counters)
         self.snapshots = StateSnapshots(config.state_dir, self.counters)
         self.snapshots.restore(self.engine, self.model.sha256)
         subscriptions = [(s, config.input.qos) for s in self.inbox.topics.subscriptions]
-        if config.reload.mqtt_command:
+        if config.commands.enabled:
             subscriptions.append((command_topic, 0))
         # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
         self.connection = Connection(config, self.status_topic, subscriptions, self.inbox.on_message,
@@ -258,7 +260,7 @@ class Daemon:
 
 
 def run_daemon(config: Config) -> int:
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(config.log_level, config.log.format)
     daemon = Daemon(config)
 
     def _stop(signum, frame) -> None:

@@ -14,7 +14,10 @@ that owns the device, ``{prefix}/status/{partition}``) is ``online`` (``offline`
 last will and ``stopped`` on a clean exit both mean unavailable), and both
 belong to one Home Assistant device per faultwatch device. ``{id}`` is the
 device id with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``,
-plus a short hash when that changed it (two ids never share an entity).
+plus a short hash when that changed it (two ids never share an entity), after
+the output prefix when it is not the default (two sites never share one). A
+device announced with no fault raised also gets its fault state ``ok``
+(:func:`initial_fault_state`), so Home Assistant shows *off*, not *Unknown*.
 
 >>> [t for t, _ in discovery_messages("pump 1", "faultwatch", "homeassistant", scores=True)]
 ['homeassistant/binary_sensor/faultwatch_pump_1_3479fc/fault/config', \
@@ -33,18 +36,35 @@ from faultwatch.runtime.version import VERSION
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def object_id(device: str) -> str:
-    safe = _UNSAFE.sub("_", device)
-    if safe != device:
-        safe += "_" + hashlib.sha256(device.encode()).hexdigest()[:6]
-    return f"faultwatch_{safe}"
+def _safe(text: str) -> str:
+    safe = _UNSAFE.sub("_", text)
+    if safe != text:
+        safe += "_" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return safe
+
+
+def object_id(device: str, prefix: str = "faultwatch") -> str:
+    """Home Assistant's id of a device: two sites (output prefixes) sharing one Home Assistant
+    never collide; with the default prefix the id is what it always was.
+
+    >>> object_id("pump-1"), object_id("pump-1", "plant/site-b")
+    ('faultwatch_pump-1', 'faultwatch_plant_site-b_c548b6_pump-1')
+    """
+    site = "" if prefix == "faultwatch" else _safe(prefix) + "_"
+    return f"faultwatch_{site}{_safe(device)}"
+
+
+def initial_fault_state(device: str) -> bytes:
+    """The retained fault state of a device announced with no fault raised: Home Assistant shows
+    the Fault sensor *off* instead of *Unknown* until the first fault event."""
+    return json.dumps({"device": device, "state": "ok"}).encode()
 
 
 def discovery_messages(device: str, prefix: str, ha_prefix: str, scores: bool,
                        model: str = "", status_topic: str = "") -> list[tuple[str, bytes]]:
     """(topic, retained payload) of the device's discovery configs; availability follows
     ``status_topic`` (default ``{prefix}/status``)."""
-    oid = object_id(device)
+    oid = object_id(device, prefix)
     availability = {
         "availability": [{"topic": status_topic or f"{prefix}/status",
                           "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}],

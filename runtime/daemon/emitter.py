@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 from faultwatch.runtime.daemon.config import Config
-from faultwatch.runtime.daemon.discovery import Announced, discovery_messages
+from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, initial_fault_state
 from faultwatch.runtime.daemon.mqtt.transport import Transport
 from faultwatch.runtime.daemon.outbox import Outbox
 from faultwatch.runtime.daemon.payload import ForecastEncoder, fault_message
@@ -56,7 +56,7 @@ class Emitter:
                 if out.event is not None:
                     self._publish_event(out.event)
                 if discovery and self.announced.new(out.device):
-                    self._announce(out.device)
+                    self._announce(out)
             if self.outbox.journal is not None:
                 self.outbox.journal.sync()  # fault events on disk before their readings are acked
             # The outputs are queued with paho, in order: only now are the readings acknowledged.
@@ -79,17 +79,25 @@ class Emitter:
                  "".join(f" {c['channel']}={c['reading']:.4g} (forecast {c['forecast']:.4g})"
                          for c in event.top_channels))
 
-    def _announce(self, device: str) -> None:
+    def _announce(self, out: Output) -> None:
+        device = out.device
         for topic, payload in discovery_messages(
                 device, self.prefix, self.config.homeassistant.prefix,
                 scores=self.config.output.forecasts, model=Path(self.config.model).name,
                 status_topic=self.status_topic):
             self.outbox.publish(topic, payload, qos=1, retain=True, droppable=False)
+        if not out.fault_active and out.event is None:  # else the retained state is a real event
+            self.outbox.publish(f"{self.prefix}/{device}/fault", initial_fault_state(device), qos=1,
+                                retain=True, droppable=False)
         self.counters["discovery_announced"] += 1
 
     def reload_result(self, body: dict) -> None:
-        """``{prefix}/reload``: what a reload request did (``body``), with the model's path."""
-        self.outbox.publish(f"{self.prefix}/reload", json.dumps({"model": self.config.model} | body).encode(),
+        """``{prefix}/reload``: what a reload request did (``body``), with the model's file name.
+
+        Only the name: anyone subscribed may read the reply, and a path tells them about the
+        device's file system. ``sha256`` says which model runs."""
+        self.outbox.publish(f"{self.prefix}/reload",
+                            json.dumps({"model": Path(self.config.model).name} | body).encode(),
                             qos=1, droppable=False)
 
     def stats(self, topic: str, stats: dict) -> None:

@@ -23,8 +23,38 @@ from typing import TextIO
 
 import paho.mqtt.client as mqtt
 from faultwatch.runtime.daemon.mqtt.transport import Transport
+from faultwatch.runtime.daemon.statefiles import StateFileError, read_state_file, set_aside
+from faultwatch.runtime.daemon.topics import publish_topic_problem
 
 log = logging.getLogger("faultwatch")
+
+
+def parse_journal(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    """(topic, payload) of each sound line, and how many lines were not.
+
+    A line is sound when it is a JSON object whose ``topic`` is a topic the daemon may
+    publish to (:func:`publish_topic_problem`) and whose ``payload`` is a string: a line
+    cut short by a crash, or one edited by hand to ``#``, must not stop every start.
+
+    >>> parse_journal(b'{"topic": "fw/p1/fault", "payload": "{}"}\\n{"topic": "#", "payload": ""}\\n{"top')
+    ([('fw/p1/fault', b'{}')], 2)
+    """
+    good: list[tuple[str, bytes]] = []
+    bad = 0
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            topic, payload = entry["topic"], entry["payload"]
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if not isinstance(topic, str) or not isinstance(payload, str) or publish_topic_problem(topic):
+            bad += 1
+            continue
+        good.append((topic, payload.encode()))
+    if bad and not good:
+        raise StateFileError(f"none of its {bad} line(s) is a fault event")
+    return good, bad
 
 
 class FaultJournal:
@@ -47,20 +77,15 @@ class FaultJournal:
         self._load()
 
     def _load(self) -> None:
-        if not self.path.exists():
+        entries = read_state_file(self.path, parse_journal, "fault journal")
+        if entries is None:
             return
-        try:
-            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as exc:
-            log.error("cannot read the fault journal %s: %s", self.path, exc)
-            return
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                topic, payload = str(entry["topic"]), str(entry["payload"]).encode()
-            except (ValueError, KeyError, TypeError):
-                self.counters["journal_bad_lines"] += 1  # a line cut short by a crash: skip it
-                continue
+        good, bad = entries
+        if bad:
+            # Keep the file as it was for a post-mortem; go on with the events that are sound.
+            self.counters["journal_bad_lines"] += bad
+            set_aside(self.path, "fault journal", f"{bad} bad line(s) skipped, {len(good)} kept")
+        for topic, payload in good:
             self._seq += 1
             self.entries[self._seq] = [topic, payload, None]
         if self.entries:

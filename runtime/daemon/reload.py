@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.engine.model import ModelError, StepModel
@@ -43,7 +44,9 @@ class Reloader:
         except ModelError as exc:
             self.counters["reloads_failed"] += 1
             log.error("reload rejected, still running %s (sha256 %s…): %s", path, current.sha256[:12], exc)
-            self.publish_result({"ok": False, "error": str(exc), "sha256": current.sha256})
+            # The reply names the file, never its path (the log, readable by the operator only, does).
+            error = str(exc).replace(str(Path(path)), Path(path).name)
+            self.publish_result({"ok": False, "error": error, "sha256": current.sha256})
             return None
         if model.sha256 == current.sha256:
             self.counters["reloads_unchanged"] += 1

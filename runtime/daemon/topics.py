@@ -37,6 +37,33 @@ def device_partition(device: str, partitions: int) -> int:
     return zlib.crc32(device.encode()) % partitions
 
 
+MAX_TOPIC_BYTES = 65_535  # MQTT's limit on a topic name
+
+
+def publish_topic_problem(topic: str) -> str | None:
+    """Why ``topic`` can't be published to (one phrase), or None when it can.
+
+    paho refuses wildcards and an empty topic with an exception; a broker
+    disconnects a client that sends a NUL or an over-long topic.
+
+    >>> [publish_topic_problem(t) for t in ("fw/p1/fault", "", "fw/#", "fw/+/fault")]
+    [None, 'empty', 'has a wildcard', 'has a wildcard']
+    """
+    if not topic:
+        return "empty"
+    if "+" in topic or "#" in topic:
+        return "has a wildcard"
+    if "\0" in topic:
+        return "has a NUL character"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"is longer than {MAX_TOPIC_BYTES} bytes"
+    return None
+
+
 class TopicError(ValueError):
     """A template is malformed; the message says how."""
 

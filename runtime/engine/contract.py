@@ -211,24 +211,62 @@ class ModelContract:
                 architecture=dict(raw.get("architecture", {})),
                 version=version,
             )
-        except (KeyError, TypeError) as exc:
-            raise ContractError(f"{METADATA_KEY} is missing or has a malformed field: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ContractError(f"{METADATA_KEY} is missing or has a malformed field: "
+                                f"{type(exc).__name__} {exc}") from None
         contract.validate()
         return contract
 
     def validate(self) -> None:
-        """Raise :class:`ContractError` naming the first inconsistency."""
+        """Raise :class:`ContractError` naming the first inconsistency.
+
+        Everything the runtime computes with is checked here, once, so a crafted or damaged
+        file is refused at load (start, ``--check-config``, reload) instead of producing null
+        forecasts (``scale: 0``) or a traceback later.
+        """
         if self.cell not in ("lstm", "gru"):
             raise ContractError(f"unknown cell {self.cell!r}")
-        if not self.hidden or any(h <= 0 for h in self.hidden):
+        if not self.hidden or any(not isinstance(h, int) or h <= 0 for h in self.hidden):
             raise ContractError(f"bad hidden sizes {self.hidden}")
         n = len(self.features)
-        if n == 0 or len(set(self.features)) != n:
-            raise ContractError("features must be non-empty and unique")
+        if n == 0 or len(set(self.features)) != n or not all(isinstance(f, str) and f for f in self.features):
+            raise ContractError("features must be non-empty, unique strings")
         missing = [t for t in self.targets if t not in self.features]
-        if not self.targets or missing:
-            raise ContractError(f"targets not among features: {missing or 'none given'}")
+        if not self.targets or missing or len(set(self.targets)) != len(self.targets):
+            raise ContractError(f"targets not among features (or repeated): {missing or list(self.targets)}")
+        if self.scaler.kind not in ("minmax", "standard"):
+            raise ContractError(f"unknown scaler kind {self.scaler.kind!r}")
         if len(self.scaler.offset) != n or len(self.scaler.scale) != n:
             raise ContractError(f"scaler has the wrong width for {n} features")
-        if len(self.calibration.residual_std) != len(self.targets):
+        _finite("scaler.offset", self.scaler.offset)
+        _positive("scaler.scale", self.scaler.scale)
+        if not isinstance(self.quantization, str):
+            raise ContractError(f"quantization must be a string, got {self.quantization!r}")
+        _positive("sample_period_s", (self.sample_period_s,))
+        cal = self.calibration
+        if len(cal.residual_std) != len(self.targets):
             raise ContractError("calibration.residual_std must have one entry per target")
+        _positive("calibration.residual_std", cal.residual_std)
+        _positive("calibration.threshold", (cal.threshold,))
+        for name, least in (("score_span", 1), ("warmup", 0), ("n_scores", 0)):
+            value = getattr(cal, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ContractError(f"calibration.{name} must be a whole number >= {least}, got {value!r}")
+
+
+def _numbers(name: str, values: tuple) -> np.ndarray:
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ContractError(f"{name} must hold numbers, got {list(values)[:4]}")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _finite(name: str, values: tuple) -> None:
+    if not np.isfinite(_numbers(name, values)).all():
+        raise ContractError(f"{name} must be finite, got {list(values)[:4]}")
+
+
+def _positive(name: str, values: tuple) -> None:
+    """Finite and > 0: a divisor (scale, spread, period) or a threshold."""
+    a = _numbers(name, values)
+    if not (np.isfinite(a) & (a > 0)).all():
+        raise ContractError(f"{name} must be finite and > 0, got {list(values)[:4]}")

@@ -28,7 +28,10 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 
 
 def read_contract(session: ort.InferenceSession) -> ModelContract:
-    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        meta = session.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError as exc:  # a damaged file: onnxruntime hands the bytes to Python as they are
+        raise ContractError(f"metadata is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if METADATA_KEY not in meta:
         raise ContractError(f"no {METADATA_KEY} metadata: not a faultwatch model")
     return ModelContract.from_json(meta[METADATA_KEY])
@@ -70,8 +73,10 @@ class StepModel:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size_bytes = len(data)
         try:
+            # No fallback: onnxruntime would retry a file it can't load with the same CPU provider,
+            # after printing the error to stdout (a user error is one line on stderr).
             self.session = ort.InferenceSession(
-                data, session_options(threads), providers=["CPUExecutionProvider"]
+                data, session_options(threads), providers=["CPUExecutionProvider"], enable_fallback=0
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
@@ -87,7 +92,19 @@ class StepModel:
         # (~0.5 µs, 3% of a batch-1 step).
         self._run_options = ort.RunOptions()
         # Warm up on zeros of exactly the contract's shapes: fails here, not on the first reading.
-        self.step(np.zeros((1, 1, len(self.contract.features)), np.float32), self.zero_state(1))
+        # A graph whose metadata lies (hidden sizes, feature count) fails here with onnxruntime's
+        # own untyped error: one line, like every other unusable file.
+        try:
+            forecast, state = self.step(np.zeros((1, 1, len(self.contract.features)), np.float32),
+                                        self.zero_state(1))
+        except Exception as exc:
+            raise ModelError(f"{path}: the graph does not run with the shapes its metadata gives: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        widths = [forecast.shape[-1], *(s.shape[-1] for s in state)]
+        expected = [len(self.contract.targets), *self.state_widths]
+        if widths != expected:
+            raise ModelError(f"{path}: the graph's forecast and state widths {widths} are not the "
+                             f"metadata's {expected} (targets, then hidden sizes)")
 
     def _check_graph(self) -> None:
         c = self.contract
@@ -102,6 +119,11 @@ class StepModel:
             raise ModelError(
                 f"{self.path}: {READINGS} has {width} features, metadata names {len(c.features)}"
             )
+        for name, _, hidden in c.state_names():  # [1, B, H_i]: a fixed H_i must be the metadata's
+            declared = inputs[name].shape[-1]
+            if isinstance(declared, int) and declared != hidden:
+                raise ModelError(f"{self.path}: {name} is {declared} wide in the graph, "
+                                 f"metadata says {hidden}")
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((1, batch, w), np.float32) for w in self.state_widths]

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 from faultwatch.runtime import cli
-from faultwatch.runtime.daemon.config import Config, load_config
+from faultwatch.runtime.daemon.config import Config, load_config, resolve_client_id
 from faultwatch.runtime.devtools.simulator import CHANNELS, simulate, write_csv
 from faultwatch.runtime.engine.model import StepModel
 from model_fixtures import TrainedModels
@@ -258,7 +258,9 @@ def test_example_config_is_the_defaults(trained: TrainedModels, tmp_path: Path):
     path.write_text(result.stdout)
     args = SimpleNamespace(model="model.onnx", broker=None, state_dir=None)
     assert load_config(str(path), args) == load_config(None, args)
-    assert load_config(str(path), args) == Config(model="model.onnx")
+    defaults = Config(model="model.onnx")
+    defaults.broker.client_id = resolve_client_id(defaults)  # load_config fills in {hostname}
+    assert load_config(str(path), args) == defaults
 
     # Every option is shown, so the example documents them all.
     raw = tomllib.loads(result.stdout)

@@ -208,7 +208,11 @@ def test_injected_fault_is_published_retained_and_clean_pump_stays_quiet(broker,
         wait_for(lambda: all(len(forecasts(recorder, d)) >= len(data.timestamps) for d in data.devices),
                  timeout=120, message=lambda: f"forecasts missing:\n{daemon.log()}")
 
-        faults = [json.loads(m.payload) for m in recorder.messages("faultwatch/pump-000/fault")]
+        # Announced to Home Assistant with the fault state "ok" (its Fault sensor: off, not Unknown),
+        # then the fault event.
+        states = [json.loads(m.payload) for m in recorder.messages("faultwatch/pump-000/fault")]
+        assert states and states[0] == {"device": "pump-000", "state": "ok"}, daemon.log()
+        faults = states[1:]
         assert faults, daemon.log()
         event = faults[0]
         assert event["device"] == "pump-000" and event["state"] == "raised"
@@ -217,16 +221,19 @@ def test_injected_fault_is_published_retained_and_clean_pump_stays_quiet(broker,
         assert event["peak_score"] > event["threshold"] > 0
         assert event["top_channels"] and event["top_channels"][0]["channel"] in VALVE_CHANNELS
         assert {"channel", "reading", "forecast", "share"} <= set(event["top_channels"][0])
-        assert recorder.messages("faultwatch/pump-001/fault") == []
+        quiet = recorder.messages("faultwatch/pump-001/fault")
+        assert [json.loads(m.payload)["state"] for m in quiet] == ["ok"]
         # Forecasts say so too, from the raising reading on.
         flagged = [body["ts"] for _, body in forecasts(recorder, "pump-000") if body["fault"]]
         assert flagged and min(flagged) == event["ts"]
         assert not any(body["fault"] for _, body in forecasts(recorder, "pump-001"))
 
     # A dashboard connecting later sees the current fault state, retained.
-    state = retained(broker, "faultwatch/+/fault", lambda msgs: len(msgs) >= 1)
-    assert [(m.topic, m.retain) for m in state] == [("faultwatch/pump-000/fault", True)]
-    assert json.loads(state[0].payload)["state"] == "raised"
+    state = retained(broker, "faultwatch/+/fault", lambda msgs: len(msgs) >= 3)  # and the probe's
+    assert all(m.retain for m in state)
+    assert {m.topic: json.loads(m.payload)["state"] for m in state} == {
+        "faultwatch/pump-000/fault": "raised", "faultwatch/pump-001/fault": "ok",
+        "faultwatch/probe/fault": "ok"}
     assert daemon.terminate() == 0
 
 

@@ -48,7 +48,8 @@ def test_hot_reload_matching_corrupt_and_mismatching(broker, trained, tmp_path):
     phases = [rows[:40], rows[40:80], rows[80:120], rows[120:]]
     config = {"broker": {"client_id": "fw-reload"}, "engine": {"max_batch": 1},
               "output": {"forecast_qos": 1, "stats_interval_s": 0.0},
-              "reload": {"min_interval_s": 0.0}, "metrics": {"listen": "127.0.0.1:0"},
+              "reload": {"min_interval_s": 0.0}, "commands": {"enabled": True},
+              "metrics": {"listen": "127.0.0.1:0"},
               "homeassistant": {"discovery": False}}
     with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
         daemon = Daemon(model_path, broker, tmp_path, "daemon", config)

@@ -8,8 +8,9 @@ is stepped one reading per call, carrying the state, as the edge runtime does.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from faultwatch.runtime.engine.contract import CONTRACT_VERSION, METADATA_KEY, M
 from faultwatch.runtime.engine.model import ModelError, StepModel
 from faultwatch.runtime.offline.csvdata import read_csv
 from faultwatch.train.checkpoint import CheckpointError, load_checkpoint
-from model_fixtures import HIDDEN, VAL_FRACTION, TrainedModels
+from model_fixtures import HIDDEN, VAL_FRACTION, TrainedModels, with_edited_contract
 
 pytestmark = pytest.mark.torch
 
@@ -63,18 +64,6 @@ def onnx_streamed(step_model: StepModel, batch: np.ndarray) -> np.ndarray:
 
 def metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(path).metadata_props}
-
-
-def with_edited_contract(src: Path, dst: Path, edit) -> Path:
-    """Copy of ``src`` whose contract JSON (a dict) went through ``edit``."""
-    proto = onnx.load(src)
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            raw = json.loads(prop.value)
-            edit(raw)
-            prop.value = json.dumps(raw)
-    onnx.save(proto, dst)
-    return dst
 
 
 def dims(value_info) -> list[int | str]:
@@ -189,6 +178,14 @@ def test_graph_io_is_exactly_the_contract_with_dynamic_batch_and_time(trained: T
     out, state = step_model.step(x, step_model.zero_state(5))
     assert out.shape == (5, 7, n_targets)
     assert [s.shape for s in state] == [(1, 5, w) for w in step_model.state_widths]
+
+
+def test_the_model_and_its_report_are_readable_by_the_service_user(trained: TrainedModels):
+    """0644 under the usual umask: copied to a device, the daemon's own user can read the model."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (trained.int8, trained.int8.with_suffix(".report.json")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~mask, path
 
 
 def test_int8_file_is_smaller_than_fp32(trained: TrainedModels):
@@ -380,8 +377,33 @@ def test_newer_contract_version_is_refused_by_step_model(trained: TrainedModels,
          "features"),
         (lambda raw: raw.pop("scaler"), "scaler"),
         (lambda raw: raw.update(cell="transformer"), "transformer"),
+        # Crafted or damaged metadata that used to load (or crash with a traceback): each is
+        # refused at load, which is start, --check-config and reload alike.
+        (lambda raw: raw.update(hidden=[h * 2 for h in raw["hidden"]]), "wide"),
+        (lambda raw: raw.update(hidden=["x"]), "malformed field"),
+        (lambda raw: raw.update(sample_period_s="fast"), "malformed field"),
+        (lambda raw: raw.update(sample_period_s=0), "sample_period_s must be finite and > 0"),
+        (lambda raw: raw.update(sample_period_s="NaN"), "sample_period_s must be finite and > 0"),
+        (lambda raw: raw["scaler"].update(scale=[0.0] * len(raw["scaler"]["scale"])),
+         "scaler.scale must be finite and > 0"),
+        (lambda raw: raw["scaler"].update(offset=[float("nan")] * len(raw["scaler"]["offset"])),
+         "scaler.offset must be finite"),
+        (lambda raw: raw["scaler"].update(offset=["1"] * len(raw["scaler"]["offset"])),
+         "scaler.offset must hold numbers"),
+        (lambda raw: raw["calibration"].update(residual_std=[float("inf")] * len(raw["targets"])),
+         "calibration.residual_std must be finite and > 0"),
+        (lambda raw: raw["calibration"].update(threshold=float("nan")), "calibration.threshold"),
+        (lambda raw: raw["calibration"].update(threshold=-1.0), "calibration.threshold"),
+        (lambda raw: raw["calibration"].update(score_span=0), "calibration.score_span"),
+        (lambda raw: raw["calibration"].update(warmup=1.5), "calibration.warmup"),
+        (lambda raw: raw["calibration"].update(extra=1), "malformed field"),
+        (lambda raw: raw.update(features=[*raw["features"][:-1], raw["features"][0]]), "unique"),
+        (lambda raw: raw.update(targets=[raw["targets"][0]] * 2), "repeated"),
     ],
-    ids=["extra-layer", "fewer-features", "no-scaler", "unknown-cell"],
+    ids=["extra-layer", "fewer-features", "no-scaler", "unknown-cell", "hidden-doubled", "hidden-text",
+         "period-text", "period-zero", "period-nan", "scale-zero", "offset-nan", "offset-text",
+         "residual-inf", "threshold-nan", "threshold-negative", "span-zero", "warmup-fraction",
+         "calibration-extra-key", "feature-twice", "target-twice"],
 )
 def test_contract_mismatch_is_a_model_error_naming_it(trained: TrainedModels, tmp_path: Path, edit,
                                                       named: str):
@@ -389,6 +411,30 @@ def test_contract_mismatch_is_a_model_error_naming_it(trained: TrainedModels, tm
     with pytest.raises(ModelError, match=named) as info:
         StepModel(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_damaged_model_file_loads_intact_or_is_refused_in_one_line(trained: TrainedModels, tmp_path: Path,
+                                                                     capfd):
+    """Truncated at every 10 %, a byte flipped at every 10 %, empty, a folder: never a traceback."""
+    good = trained.int8.read_bytes()
+    variants = {f"truncated-{pct}%": good[:len(good) * pct // 100] for pct in range(0, 100, 10)}
+    for pct in range(0, 100, 10):
+        at = len(good) * pct // 100
+        variants[f"flipped-{pct}%"] = good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:]
+    refused = 0
+    for name, data in variants.items():
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(data)
+        try:
+            StepModel(path)  # a flip inside a weight still makes a loadable model
+        except ModelError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc), (name, str(exc))
+            refused += 1
+    assert refused >= 10  # every truncation at least
+    assert "EP Error" not in capfd.readouterr().out  # onnxruntime's retry, printed to stdout: off
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ModelError, match="cannot read model"):
+        StepModel(tmp_path / "folder.onnx")
 
 
 def test_replaced_contract_keeps_graph_parity(trained: TrainedModels, tmp_path: Path):

@@ -16,7 +16,7 @@ import pytest
 from daemon_harness import renamed_feature_model
 from faultwatch.runtime.cli import main as cli_main
 from faultwatch.runtime.daemon import config as cfg
-from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, object_id
+from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, initial_fault_state, object_id
 from faultwatch.runtime.daemon.frames import FrameAssembler
 from faultwatch.runtime.daemon.metrics import Histogram, family
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
@@ -374,16 +374,22 @@ def test_fault_journal_survives_a_crash_until_the_broker_acknowledges(tmp_path):
 
 def test_discovery_messages_describe_both_entities():
     messages = dict(discovery_messages("pump-7", "fw", "ha", scores=True, model="m.onnx"))
-    fault = json.loads(messages["ha/binary_sensor/faultwatch_pump-7/fault/config"])
-    score = json.loads(messages["ha/sensor/faultwatch_pump-7/anomaly_score/config"])
+    fault = json.loads(messages["ha/binary_sensor/faultwatch_fw_pump-7/fault/config"])
+    score = json.loads(messages["ha/sensor/faultwatch_fw_pump-7/anomaly_score/config"])
     assert fault["state_topic"] == "fw/pump-7/fault" and fault["device_class"] == "problem"
     assert score["state_topic"] == "fw/pump-7/forecast" and "score" in score["value_template"]
     for body in (fault, score):
         assert body["availability"][0]["topic"] == "fw/status"
-        assert body["device"]["identifiers"] == ["faultwatch_pump-7"]
+        assert body["device"]["identifiers"] == ["faultwatch_fw_pump-7"]
     assert fault["unique_id"] != score["unique_id"]
     assert len(discovery_messages("pump-7", "fw", "ha", scores=False)) == 1
     assert object_id("a b") != object_id("a_b")  # sanitised ids never collide
+    # Two sites (output prefixes) on one Home Assistant: neither topics nor unique ids collide.
+    other = dict(discovery_messages("pump-7", "site-b/fw", "ha", scores=True))
+    assert not set(other) & set(messages)
+    assert {json.loads(b)["unique_id"] for b in other.values()}.isdisjoint(
+        json.loads(b)["unique_id"] for b in messages.values())
+    assert json.loads(initial_fault_state("pump-7"))["state"] == "ok"
     announced = Announced(max_devices=10)
     assert [announced.new(f"d{i % 15}") for i in range(15)] == [True] * 15
     assert len(announced) == 10 and announced.new("d14") is False

@@ -18,7 +18,7 @@ import pytest
 from engine_streams import readings_of, run
 from faultwatch.export.build import TOLERANCE
 from faultwatch.runtime.devtools.simulator import CHANNELS, Fault, simulate, write_csv
-from faultwatch.runtime.engine.engine import Engine, EngineSettings
+from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS, Engine, EngineSettings, Reading
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.offline.replay import replay_csv
 from model_fixtures import TrainedModels
@@ -131,6 +131,23 @@ def test_one_call_for_many_devices_equals_one_reading_per_call(trained: TrainedM
             assert got.score == pytest.approx(want.score, rel=0.05, abs=0.05)
             assert got.anomalous == want.anomalous and got.fault_active == want.fault_active
 
+
+
+def test_a_reading_30_days_late_resets_even_at_the_largest_bridging_cap(int8: StepModel):
+    """Bridging costs one model step per missing reading: it is capped (MAX_GAP_PERIODS), and a
+    longer silence resets instead, so one very late reading never stalls the engine (or SIGTERM)."""
+    data = simulate(devices=1, steps=20, seed=14)
+    readings = readings_of(data)
+    engine = Engine(int8, EngineSettings(max_gap_periods=MAX_GAP_PERIODS))
+    engine.process(readings[:10])
+    late = readings[10]
+    month = 30 * 86_400.0
+    assert month / int8.contract.sample_period_s > MAX_GAP_PERIODS
+    out = engine.process([Reading(late.device, readings[9].ts + month, late.values)])[0]
+    assert out is not None and engine.counters["gap_resets"] == 1
+    assert engine.counters["bridged_readings"] == 0
+    with pytest.raises(ValueError, match="max_gap_periods"):
+        EngineSettings(max_gap_periods=1e9)
 
 
 # -- replay --------------------------------------------------------------------------------
