@@ -10,49 +10,16 @@ device never share a call: the second needs the state the first produces.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from faultwatch.runtime.engine.model import StepModel
+from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
+from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
+from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold, DynamicThresholdSettings
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One sample of one device: ``values`` [F] in raw units, in the model's feature order; NaN = missing."""
-
-    device: str
-    ts: float  # epoch seconds
-    values: np.ndarray
-
-
-@dataclass(frozen=True)
-class FaultEvent:
-    device: str
-    state: str  # "raised" or "cleared"
-    ts: float  # when it was raised or cleared
-    started_ts: float
-    peak_score: float
-    threshold: float
-    # The channels that drove the score at the raising reading, largest first:
-    # {"channel", "reading", "forecast", "share"} with share = that channel's part of the score.
-    top_channels: tuple[dict, ...] = ()
-
-
-@dataclass(frozen=True)
-class Output:
-    device: str
-    ts: float
-    forecast: np.ndarray  # [K] raw units: the forecast of this device's next reading
-    score: float  # smoothed anomaly score (0 while there is no earlier forecast to compare)
-    anomalous: bool  # score above threshold, outside warm-up
-    fault_active: bool
-    event: FaultEvent | None = None
-    imputed: tuple[str, ...] = ()  # channels that were missing and filled from the forecast
-    threshold: float = float("nan")  # what the score was compared with (per device when dynamic)
 
 
 @dataclass(frozen=True)
@@ -78,39 +45,20 @@ class EngineSettings:
             raise ValueError(f"max_gap_periods must be >= 1, got {self.max_gap_periods}")
 
 
-@dataclass
-class DeviceTable:
-    """Device id → slot, least recently seen first; bounded, so unknown IDs can't exhaust memory."""
-
-    max_devices: int
-    slots: OrderedDict = field(default_factory=OrderedDict)
-    free: list = field(default_factory=list)
-
-    def lookup(self, device: str) -> tuple[int, bool, str | None]:
-        """(slot, is_new, evicted device id or None)."""
-        slot = self.slots.get(device)
-        if slot is not None:
-            self.slots.move_to_end(device)
-            return slot, False, None
-        evicted = None
-        if self.free:
-            slot = self.free.pop()
-        elif len(self.slots) < self.max_devices:
-            slot = len(self.slots)
-        else:
-            evicted, slot = self.slots.popitem(last=False)
-        self.slots[device] = slot
-        return slot, True, evicted
-
-
 class Engine:
-    """Streams readings of many devices through one :class:`StepModel`."""
+    """Streams readings of many devices through one :class:`ModelStep`."""
 
-    def __init__(self, model: StepModel, settings: EngineSettings | None = None):
-        self.model = model
+    def __init__(self, model: ModelStep, settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
+        self.counters: Counter = Counter()
+        self.table = DeviceTable(self.settings.max_devices)
+        self.device_of_slot: dict[int, str] = {}
+        self._use(model)
+
+    def _use(self, model: ModelStep) -> None:
+        """Take on ``model``: its constants, and fresh per-device arrays (capacity 0) declared for it."""
         c = model.contract
-        self.contract = c
+        self.model, self.contract = model, c
         self.threshold = (self.settings.threshold if self.settings.threshold is not None
                           else c.calibration.threshold)
         self.period_s = c.sample_period_s
@@ -119,64 +67,51 @@ class Engine:
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
         self.scale = np.asarray(c.scaler.scale)
-        self.counters: Counter = Counter()
-        self.table = DeviceTable(self.settings.max_devices)
-        self.capacity = 0
-        n_targets, n_features = len(c.targets), len(c.features)
-        self.state = [np.zeros((0, w), np.float32) for w in model.state_widths]  # [cap, H_i]
-        self.prev_forecast = np.zeros((0, n_targets), np.float32)  # scaled forecast of the next reading
-        self.last_scaled = np.zeros((0, n_features), np.float32)  # for imputing non-target features
-        self.has_prev = np.zeros(0, bool)
-        self.last_ts = np.zeros(0)
-        self.fault_start = np.zeros(0)
-        self.fault_peak = np.zeros(0)
-        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup, 0)
+        per_device = SlotArrays(max_capacity=self.settings.max_devices)
+        # The recurrent state [cap, H_i] per layer (and cell/hidden part), zero at a reset.
+        self.state_names = [f"state_{i}" for i in range(len(model.state_widths))]
+        for name, width in zip(self.state_names, model.state_widths, strict=True):
+            per_device.declare(name, (width,), np.float32, on_reset=0.0)
+        # [cap, K] the scaled forecast of each device's next reading; valid where has_prev.
+        per_device.declare("prev_forecast", (len(c.targets),), np.float32)
+        # [cap, F] the last scaled reading, for imputing non-target features: mid-range at first.
+        per_device.declare("last_scaled", (len(c.features),), np.float32, initial=0.5)
+        per_device.declare("has_prev", dtype=bool, initial=False, on_reset=False)
+        # Kept across any reload: a redelivered reading is still recognised, an episode still clears.
+        per_device.declare("last_ts", initial=-np.inf, across_models=True)
+        per_device.declare("fault_start", across_models=True)
+        per_device.declare("fault_peak", across_models=True)
+        self.per_device = per_device
+        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup,
+                             per_device=per_device)
         self.detector = FaultDetector(self.settings.raise_k, self.settings.window_n,
-                                      self.settings.clear_m, 0)
+                                      self.settings.clear_m, per_device=per_device)
         dynamic = self.settings.dynamic_threshold
-        self.dynamic = None if dynamic is None else DynamicThreshold(dynamic, self.threshold, 0)
-        self.device_of_slot: dict[int, str] = {}
+        self.dynamic = (None if dynamic is None
+                        else DynamicThreshold(dynamic, self.threshold, per_device=per_device))
 
     # -- slots ---------------------------------------------------------------------------
 
-    def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        cap = min(max(needed, 2 * self.capacity, 16), self.settings.max_devices)
+    @property
+    def capacity(self) -> int:
+        return self.per_device.capacity
 
-        def pad(a: np.ndarray) -> np.ndarray:
-            return np.concatenate([a, np.zeros((cap - len(a), *a.shape[1:]), a.dtype)])
-
-        self.state = [pad(s) for s in self.state]
-        self.prev_forecast, self.last_scaled = pad(self.prev_forecast), pad(self.last_scaled)
-        self.has_prev, self.last_ts = pad(self.has_prev), pad(self.last_ts)
-        self.fault_start, self.fault_peak = pad(self.fault_start), pad(self.fault_peak)
-        self.scorer.grow(cap)
-        self.detector.grow(cap)
-        if self.dynamic is not None:
-            self.dynamic.grow(cap)
-        self.capacity = cap
+    @property
+    def state(self) -> list[np.ndarray]:
+        """The recurrent state arrays [cap, H_i], in the model's state order."""
+        return [self.per_device[name] for name in self.state_names]
 
     def reset(self, slots) -> None:
         """Zero the model state of these slots; the next readings warm up again."""
-        for s in self.state:
-            s[slots] = 0.0
-        self.has_prev[slots] = False
-        self.scorer.reset(slots)
-        self.detector.reset(slots)
-        if self.dynamic is not None:
-            self.dynamic.reset(slots)
+        self.per_device.reset(slots)
 
     def _slot(self, device: str) -> int:
         slot, is_new, evicted = self.table.lookup(device)
         if evicted is not None:
             self.counters["devices_evicted"] += 1
         if is_new:
-            self._grow(slot + 1)
-            self.reset([slot])
-            self.detector.active[slot] = False
-            self.last_ts[slot] = -np.inf
-            self.last_scaled[slot] = 0.5  # mid-range until the first real value
+            self.per_device.grow(slot + 1)
+            self.per_device.initialize(slot)
             self.device_of_slot[slot] = device
         return slot
 
@@ -186,26 +121,11 @@ class Engine:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def _per_slot(self) -> dict[str, np.ndarray]:
-        """Every per-device array, by name: what a snapshot must carry."""
-        arrays = {f"state_{i}": s for i, s in enumerate(self.state)}
-        return arrays | {
-            "prev_forecast": self.prev_forecast, "last_scaled": self.last_scaled,
-            "has_prev": self.has_prev, "last_ts": self.last_ts, "fault_start": self.fault_start,
-            "fault_peak": self.fault_peak, "score_smoothed": self.scorer.smoothed,
-            "score": self.scorer.score, "score_seen": self.scorer.seen,
-            "fault_history": self.detector.history,
-            "fault_normal_run": self.detector.normal_run, "fault_active": self.detector.active,
-        } | ({} if self.dynamic is None else {
-            "threshold_window": self.dynamic.buffer, "threshold_count": self.dynamic.count,
-            "threshold_value": self.dynamic.value,
-        })
-
     def export_state(self) -> dict[str, np.ndarray]:
         """All devices' state as plain arrays, rows in least-recently-seen-first order."""
         devices = list(self.table.slots)
         slots = np.array([self.table.slots[d] for d in devices], dtype=np.int64)
-        out = {name: a[slots] for name, a in self._per_slot().items()}
+        out = self.per_device.export(slots)
         out["devices"] = np.array(devices, dtype=str)
         return out
 
@@ -215,13 +135,9 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
-        current = self._per_slot()
-        for name, a in current.items():
-            if name not in saved or saved[name].shape[1:] != a.shape[1:] or len(saved[name]) != len(devices):
-                raise ValueError(f"snapshot array {name!r} does not fit this model")
+        self.per_device.check_fits(saved, len(devices))
         slots = np.array([self._slot(d) for d in devices], dtype=np.int64)
-        for name, a in self._per_slot().items():  # _slot may have grown the arrays
-            a[slots] = saved[name]
+        self.per_device.load(slots, saved)
         return len(devices)
 
     # -- hot reload ------------------------------------------------------------------------
@@ -232,7 +148,7 @@ class Engine:
         return (c.cell, tuple(c.hidden), tuple(c.features), tuple(c.targets)) == (
             contract.cell, tuple(contract.hidden), tuple(contract.features), tuple(contract.targets))
 
-    def swap_model(self, model: StepModel) -> bool:
+    def swap_model(self, model: ModelStep) -> bool:
         """Run ``model`` from the next reading on; True when the devices kept their state.
 
         Same cell, layer sizes, features and targets (a retrained model of the same shape):
@@ -242,29 +158,23 @@ class Engine:
         still recognised) and active faults (cleared as usual) are kept either way.
         """
         keep = self.same_shape(model.contract)
-        fresh = Engine(model, self.settings)
-        n = self.capacity
-        fresh._grow(n)
-        old, new = self._per_slot(), fresh._per_slot()
-        carried = set(old) if keep else {"last_ts", "fault_start", "fault_peak", "fault_normal_run",
-                                         "fault_active"}
-        for name in carried & set(new):
-            if old[name].shape[1:] == new[name].shape[1:]:
-                new[name][:n] = old[name][:n]
+        old, old_contract = self.per_device, self.contract
+        old_offset, old_scale, old_targets = self.offset, self.scale, self.target_index
+        n = old.capacity
+        self._use(model)
+        self.per_device.carry_from(old, n, keep)
         # Same raw values, in the new model's scaled units (channels matched by name).
-        raw = self.last_scaled[:n] * self.scale + self.offset  # [n, F_old]
-        fresh.last_scaled[:n] = 0.5
-        for j, name in enumerate(fresh.contract.features):
-            if name in self.contract.features:
-                i = self.contract.features.index(name)
-                fresh.last_scaled[:n, j] = (raw[:, i] - fresh.offset[j]) / fresh.scale[j]
+        raw = old["last_scaled"][:n] * old_scale + old_offset  # [n, F_old]
+        last_scaled = self.per_device["last_scaled"]
+        last_scaled[:n] = 0.5
+        for j, name in enumerate(self.contract.features):
+            if name in old_contract.features:
+                i = old_contract.features.index(name)
+                last_scaled[:n, j] = (raw[:, i] - self.offset[j]) / self.scale[j]
         if keep:
-            t_old, t_new = self.target_index, fresh.target_index
-            prev_raw = self.prev_forecast[:n] * self.scale[t_old] + self.offset[t_old]  # [n, K]
-            fresh.prev_forecast[:n] = (prev_raw - fresh.offset[t_new]) / fresh.scale[t_new]
-        for name, value in vars(fresh).items():
-            if name not in ("table", "counters", "device_of_slot"):
-                setattr(self, name, value)
+            t_new = self.target_index
+            prev_raw = old["prev_forecast"][:n] * old_scale[old_targets] + old_offset[old_targets]  # [n, K]
+            self.per_device["prev_forecast"][:n] = (prev_raw - self.offset[t_new]) / self.scale[t_new]
         self.counters["model_swaps"] += 1
         return keep
 
@@ -299,8 +209,9 @@ class Engine:
     def _step(self, batch: list[Reading]) -> list[Output | None]:
         """One onnxruntime call for readings of distinct devices."""
         slots_all = np.array([self._slot(r.device) for r in batch])
+        pd = self.per_device.arrays  # looked up after _slot: a new device may have grown them
         ts_all = np.array([r.ts for r in batch], dtype=np.float64)
-        fresh = ts_all > self.last_ts[slots_all]
+        fresh = ts_all > pd["last_ts"][slots_all]
         self.counters["out_of_order"] += int((~fresh).sum())
         results: list[Output | None] = [None] * len(batch)
         keep = np.flatnonzero(fresh)
@@ -308,8 +219,8 @@ class Engine:
             return results
         slots, ts = slots_all[keep], ts_all[keep]
         # A long silence breaks the dynamics the state encodes: start over, with warm-up.
-        last = self.last_ts[slots]
-        known = np.isfinite(last) & self.has_prev[slots]
+        last = pd["last_ts"][slots]
+        known = np.isfinite(last) & pd["has_prev"][slots]
         gap = known & (ts - last > self.max_gap_s)
         if gap.any():
             self.reset(slots[gap])
@@ -323,15 +234,16 @@ class Engine:
         missing = ~np.isfinite(raw)
         scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
         # Impute: a target from the forecast made for it, anything else from its last value.
-        fill = self.last_scaled[slots].copy()
-        has_prev = self.has_prev[slots]
-        fill[:, self.target_index] = np.where(has_prev[:, None], self.prev_forecast[slots],
+        fill = pd["last_scaled"][slots]
+        has_prev = pd["has_prev"][slots]
+        prev_forecast = pd["prev_forecast"][slots]  # [B, K]
+        fill[:, self.target_index] = np.where(has_prev[:, None], prev_forecast,
                                               fill[:, self.target_index])
         scaled = np.where(missing, fill, scaled)
         self.counters["imputed_values"] += int(missing.sum())
 
         # Score this reading against the forecast made one step earlier.
-        residual = scaled[:, self.target_index] - self.prev_forecast[slots]  # [B, K]
+        residual = scaled[:, self.target_index] - prev_forecast  # [B, K]
         residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
         score, contrib, ready = self.scorer.update(slots, residual)
         threshold = (np.full(len(slots), self.threshold) if self.dynamic is None
@@ -352,19 +264,19 @@ class Engine:
         for s, new in zip(self.state, new_state, strict=True):
             s[slots] = new[0]
         forecast = forecast[:, 0]
-        self.prev_forecast[slots] = forecast
-        self.last_scaled[slots] = scaled
-        self.has_prev[slots] = True
-        self.last_ts[slots] = ts
+        pd["prev_forecast"][slots] = forecast
+        pd["last_scaled"][slots] = scaled
+        pd["has_prev"][slots] = True
+        pd["last_ts"][slots] = ts
         self.counters["steps"] += 1
         self.counters["readings"] += len(slots)
 
         forecast_raw = forecast * self.scale[self.target_index] + self.offset[self.target_index]
         expected_raw = self._expected_raw(residual, scaled)
         # Peak score of the running episode; kept after a clear so the cleared event reports it.
-        peak = self.fault_peak[slots]
+        peak = pd["fault_peak"][slots]
         peak = np.where(self.detector.active[slots], np.maximum(peak, score), peak)
-        self.fault_peak[slots] = np.where(change > 0, score, peak)
+        pd["fault_peak"][slots] = np.where(change > 0, score, peak)
         for j, i in enumerate(keep):
             event = None
             if change[j] != 0:
@@ -385,16 +297,17 @@ class Engine:
         Targets take the forecast made for them, other features their last value; nothing is
         scored. Round r steps the devices that miss more than r readings, in one call.
         """
+        pd = self.per_device.arrays
         for r in range(int(skipped.max())):
             sel = slots[skipped > r]
-            x = self.last_scaled[sel].copy()  # [b, F]
-            x[:, self.target_index] = self.prev_forecast[sel]
+            x = pd["last_scaled"][sel]  # [b, F] (a copy: fancy indexing)
+            x[:, self.target_index] = pd["prev_forecast"][sel]
             state = [s[sel][None] for s in self.state]
             forecast, new_state = self.model.step(x[:, None, :], state)
             for s, new in zip(self.state, new_state, strict=True):
                 s[sel] = new[0]
-            self.prev_forecast[sel] = forecast[:, 0]
-            self.last_scaled[sel] = x
+            pd["prev_forecast"][sel] = forecast[:, 0]
+            pd["last_scaled"][sel] = x
             self.counters["bridged_readings"] += len(sel)
 
     def _expected_raw(self, residual: np.ndarray, scaled: np.ndarray) -> np.ndarray:
@@ -406,7 +319,7 @@ class Engine:
         device = self.device_of_slot[int(slot)]
         if change > 0:
             self.counters["faults_raised"] += 1
-            self.fault_start[slot] = ts
+            self.per_device["fault_start"][slot] = ts
             contrib = np.nan_to_num(contrib)  # each channel's part of score²
             total = contrib.sum() or 1.0
             top = np.argsort(-contrib)[: self.settings.top_channels]
@@ -420,5 +333,9 @@ class Engine:
             return FaultEvent(device, "raised", float(ts), float(ts), float(score),
                               float(threshold), channels)
         self.counters["faults_cleared"] += 1
-        return FaultEvent(device, "cleared", float(ts), float(self.fault_start[slot]),
-                          float(self.fault_peak[slot]), float(threshold))
+        return FaultEvent(device, "cleared", float(ts), float(self.per_device["fault_start"][slot]),
+                          float(self.per_device["fault_peak"][slot]), float(threshold))
+
+
+# Reading, Output and FaultEvent live in events.py; re-exported for the callers that import them here.
+__all__ = ["Engine", "EngineSettings", "FaultEvent", "Output", "Reading"]

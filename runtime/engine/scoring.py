@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from faultwatch.runtime.engine.devices import SlotArrays
 
 
 def ewma_variance(span: int) -> float:
@@ -63,7 +64,11 @@ class Scorer:
     4.4
     """
 
-    def __init__(self, residual_std: Sequence[float], span: int, warmup: int, capacity: int):
+    FIELDS = ("score_smoothed", "score", "score_seen")  # its per-device arrays (snapshot names)
+
+    def __init__(self, residual_std: Sequence[float], span: int, warmup: int, capacity: int = 0,
+                 per_device: SlotArrays | None = None):
+        """``per_device``: the engine's arrays to declare its own in (default: its own, of ``capacity``)."""
         if span < 1:
             raise ValueError(f"score span must be >= 1, got {span}")
         self.residual_std = np.maximum(np.asarray(residual_std, dtype=np.float64), 1e-6)
@@ -72,20 +77,30 @@ class Scorer:
         self.alpha = 2.0 / (self.span + 1.0)
         self.noise = np.sqrt(ewma_variance(self.span))
         k = len(self.residual_std)
-        self.smoothed = np.zeros((capacity, k))  # m: per-channel EWMA of z
-        self.score = np.zeros(capacity)  # the last score, kept when a reading measures nothing
-        self.seen = np.zeros(capacity, dtype=np.int64)  # scored readings since the last reset
+        self.per_device = SlotArrays(capacity) if per_device is None else per_device
+        # m [cap, K]: per-channel EWMA of z; the last score [cap], kept when a reading measures
+        # nothing; scored readings since the last reset [cap].
+        self.per_device.declare("score_smoothed", (k,), on_reset=0.0)
+        self.per_device.declare("score", on_reset=0.0)
+        self.per_device.declare("score_seen", dtype=np.int64, on_reset=0)
+
+    @property
+    def smoothed(self) -> np.ndarray:
+        return self.per_device["score_smoothed"]
+
+    @property
+    def score(self) -> np.ndarray:
+        return self.per_device["score"]
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.per_device["score_seen"]
 
     def grow(self, capacity: int) -> None:
-        extra = capacity - len(self.score)
-        self.smoothed = np.concatenate([self.smoothed, np.zeros((extra, self.smoothed.shape[1]))])
-        self.score = np.concatenate([self.score, np.zeros(extra)])
-        self.seen = np.concatenate([self.seen, np.zeros(extra, dtype=np.int64)])
+        self.per_device.grow(capacity)
 
     def reset(self, slots) -> None:
-        self.smoothed[slots] = 0.0
-        self.score[slots] = 0.0
-        self.seen[slots] = 0
+        self.per_device.reset(slots, self.FIELDS)
 
     def update(self, slots, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """residuals [B, K] (NaN = not measured) → score [B], contributions [B, K], ready [B].
@@ -130,27 +145,41 @@ class FaultDetector:
     [0, 0, 1, 0, 0, 0, 0, -1, 0, 0]
     """
 
-    def __init__(self, raise_k: int, window_n: int, clear_m: int, capacity: int):
+    FIELDS = ("fault_history", "fault_normal_run", "fault_active")  # its per-device arrays
+
+    def __init__(self, raise_k: int, window_n: int, clear_m: int, capacity: int = 0,
+                 per_device: SlotArrays | None = None):
         if not 1 <= raise_k <= window_n <= 62:
             raise ValueError("need 1 <= raise_k <= window_n <= 62")
         if clear_m < 1:
             raise ValueError("need clear_m >= 1")
         self.raise_k, self.window_n, self.clear_m = raise_k, window_n, clear_m
         self.mask = (1 << window_n) - 1
-        self.history = np.zeros(capacity, dtype=np.int64)  # bit i = flag of the i-th last reading
-        self.normal_run = np.zeros(capacity, dtype=np.int64)  # calm readings in a row
-        self.active = np.zeros(capacity, dtype=bool)
+        self.per_device = SlotArrays(capacity) if per_device is None else per_device
+        # history: bit i = flag of the i-th last reading; normal_run: calm readings in a row.
+        # An episode (active, and the calm run that will clear it) outlives a model of another shape.
+        self.per_device.declare("fault_history", dtype=np.int64, on_reset=0)
+        self.per_device.declare("fault_normal_run", dtype=np.int64, on_reset=0, across_models=True)
+        self.per_device.declare("fault_active", dtype=bool, initial=False, across_models=True)
+
+    @property
+    def history(self) -> np.ndarray:
+        return self.per_device["fault_history"]
+
+    @property
+    def normal_run(self) -> np.ndarray:
+        return self.per_device["fault_normal_run"]
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.per_device["fault_active"]
 
     def grow(self, capacity: int) -> None:
-        extra = capacity - len(self.active)
-        self.history = np.concatenate([self.history, np.zeros(extra, dtype=np.int64)])
-        self.normal_run = np.concatenate([self.normal_run, np.zeros(extra, dtype=np.int64)])
-        self.active = np.concatenate([self.active, np.zeros(extra, dtype=bool)])
+        self.per_device.grow(capacity)
 
     def reset(self, slots) -> None:
         """Forget the recent verdicts; an active fault stays active until cleared."""
-        self.history[slots] = 0
-        self.normal_run[slots] = 0
+        self.per_device.reset(slots, self.FIELDS)
 
     def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None) -> np.ndarray:
         """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8."""
