@@ -53,6 +53,8 @@ class Engine:
         self.counters: Counter = Counter()
         self.table = DeviceTable(self.settings.max_devices)
         self.device_of_slot: dict[int, str] = {}
+        # `cleared` events of devices evicted with a fault raised; the caller takes them
+        self.evicted_events: list[FaultEvent] = []
         self._use(model)
 
     def _use(self, model: ModelStep) -> None:
@@ -109,6 +111,13 @@ class Engine:
         slot, is_new, evicted = self.table.lookup(device)
         if evicted is not None:
             self.counters["devices_evicted"] += 1
+            if self.per_device["fault_active"][slot]:
+                # Its retained fault topic would say "raised" for ever: clear it, saying why.
+                self.counters["faults_cleared"] += 1
+                self.evicted_events.append(FaultEvent(
+                    evicted, "cleared", float(self.per_device["last_ts"][slot]),
+                    float(self.per_device["fault_start"][slot]),
+                    float(self.per_device["fault_peak"][slot]), float(self.threshold), reason="evicted"))
         if is_new:
             self.per_device.grow(slot + 1)
             self.per_device.initialize(slot)
@@ -118,6 +127,30 @@ class Engine:
     @property
     def devices(self) -> list[str]:
         return list(self.table.slots)
+
+    def last_ts(self, device: str) -> float:
+        """The ts of the last reading stepped for ``device``; -inf for a device it doesn't hold."""
+        slot = self.table.slots.get(device)
+        return -np.inf if slot is None else float(self.per_device["last_ts"][slot])
+
+    def restart(self, device: str) -> None:
+        """``device`` starts over (its clock was set back): state and warm-up, and any ts is newer.
+        A raised fault stays raised and clears as usual."""
+        slot = self.table.slots.get(device)
+        if slot is not None:
+            self.per_device.reset(slot)
+            self.per_device["last_ts"][slot] = -np.inf
+            self.counters["clock_restarts"] += 1
+
+    def forget(self, device: str) -> bool:
+        """Drop ``device`` and its state (withdrawn by its operator); False if it was not held."""
+        slot = self.table.slots.pop(device, None)
+        if slot is None:
+            return False
+        self.table.free.append(slot)
+        self.device_of_slot.pop(slot, None)
+        self.per_device.initialize(slot)
+        return True
 
     # -- snapshots -------------------------------------------------------------------------
 
