@@ -1,39 +1,29 @@
 """What the daemon's integration tests share: the daemon as a subprocess, a persistent
 recorder that survives broker restarts, and readings published as the simulator makes them.
 
-``faultwatch run`` runs exactly as a user starts it; its config is written from a dict of
-sections, its log read back, its /metrics scraped on the port it reports.
+``faultwatch run`` runs exactly as a user starts it (:mod:`faultwatch.runtime.devtools.daemon_process`,
+which bench and the demo use too); its config is written from a dict of sections, its log
+read back, its /metrics scraped on the port the current process reports.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from faultwatch.runtime.daemon.payload import ForecastEncoder, encode_reading
+from faultwatch.runtime.devtools.daemon_process import DaemonProcess, toml_text
 from faultwatch.runtime.devtools.simulator import CHANNELS, SimData
 from faultwatch.runtime.engine.engine import Output, Reading
 from helpers import Received, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-
-def toml(sections: dict) -> str:
-    top = [f"{k} = {json.dumps(v)}" for k, v in sections.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
-              for k, v in sections.items() if isinstance(v, dict)]
-    return "\n".join(top + tables) + "\n"  # JSON scalars and string lists are valid TOML
-
+toml = toml_text  # the name the tests use
 
 _STARTED: list[Daemon] = []
 
@@ -46,81 +36,21 @@ def kill_daemons_at_teardown():
         _STARTED.pop().kill()
 
 
-class Daemon:
-    """``python -m faultwatch.runtime.cli run`` with a config of its own; output in ``log_path``.
-
-    It connects to ``broker.address`` unless given ``address`` (a broker's secure listener);
-    ``env`` is added to its environment (a password, say).
-    Every one started is killed at the test's teardown (``kill_daemons_at_teardown``).
+class Daemon(DaemonProcess):
+    """:class:`DaemonProcess`, started at once, connected to ``broker.address`` unless given
+    ``address`` (a broker's secure listener). Every one started is killed at the test's
+    teardown (``kill_daemons_at_teardown``).
     """
 
     def __init__(self, model: Path, broker, workdir: Path, name: str, config: dict, *,
                  address: str | None = None, env: dict[str, str] | None = None):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.model = model
-        self.config_path = workdir / f"{name}.toml"
-        self.config_path.write_text(toml(config))
-        self.log_path = workdir / f"{name}.log"
-        self.argv = [sys.executable, "-m", "faultwatch.runtime.cli", "run", "--model", str(model),
-                     "--broker", address or broker.address, "--config", str(self.config_path)]
-        self.env = os.environ | (env or {})
-        self.proc: subprocess.Popen | None = None
+        super().__init__(model, address or broker.address, workdir, name, config, env=env)
         self.start()
 
     def start(self) -> Daemon:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env)
+        super().start()
         _STARTED.append(self)
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, signum: int) -> None:
-        assert self.alive(), self.log()
-        self.proc.send_signal(signum)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"daemon ignored SIGTERM for {timeout:g} s:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL: no snapshot, no `stopped`, nothing flushed."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-
-    def metrics_port(self) -> int:
-        found = wait_for(lambda: re.findall(r"metrics on http://[\d.]+:(\d+)/metrics", self.log()),
-                         timeout=60, message=lambda: f"no metrics line in the log:\n{self.log()}")
-        return int(found[-1])
-
-    def get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.metrics_port()}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics (``labels`` as written, e.g. ``reason="bad_value"``), 0 if absent."""
-        _, text = self.get("/metrics")
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
 
 
 def wait_answering(daemon: Daemon, broker, recorder) -> None:

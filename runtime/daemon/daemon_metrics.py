@@ -1,9 +1,8 @@
 """The daemon's ``/metrics``: what it counts, rendered in the Prometheus text format.
 
-Read-only and called from the HTTP thread: counters are copied (``dict()`` of
-a Counter is one C call, atomic under the GIL), arrays are read as they are.
-Every label value comes from a fixed set, except ``device``, which is only
-used while there are at most ``metrics.per_device_max`` devices.
+Rendered from a :class:`~faultwatch.runtime.daemon.observability.StatsSnapshot` (taken on
+the HTTP thread). Every label value comes from a fixed set, except ``device``, which is
+only used while there are at most ``metrics.per_device_max`` devices.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import time
 
 import numpy as np
 from faultwatch.runtime.daemon.metrics import STALE_AFTER_S, family, process_memory_bytes
+from faultwatch.runtime.daemon.observability import StatsSnapshot
 from faultwatch.runtime.daemon.payload import REJECTED
 
 
@@ -25,20 +25,18 @@ def _drops(net: dict, counters: dict, outbox: dict) -> list[tuple[dict, int]]:
     return [({"reason": r}, v) for r, v in sorted(reasons.items())]
 
 
-def _staleness(d) -> list[str]:
-    per_device_max = d.config.metrics.per_device_max
-    slots = dict(d.engine.table.slots)  # device → slot
-    seen_at = d.seen_at
+def _staleness(s: StatsSnapshot) -> list[str]:
+    per_device_max = s.per_device_max
+    known = s.last_seen  # device → time of its last processed reading
     now = time.time()
-    known = {dev: s for dev, s in slots.items() if s < len(seen_at) and seen_at[s] > 0}
-    ages = now - seen_at[list(known.values())] if known else np.zeros(0)
+    ages = now - np.fromiter(known.values(), float, len(known)) if known else np.zeros(0)
     lines = family("faultwatch_devices_stale", "gauge",
                    "devices whose last processed reading is older than older_than_s seconds",
                    [({"older_than_s": str(s)}, int((ages > s).sum())) for s in STALE_AFTER_S])
     lines += family("faultwatch_device_staleness_max_seconds", "gauge",
                     "age of the oldest last reading over all devices",
                     [(None, float(ages.max()) if len(ages) else 0.0)])
-    if len(slots) <= per_device_max:
+    if s.devices <= per_device_max:
         lines += family("faultwatch_device_staleness_seconds", "gauge",
                         f"seconds since the device's last processed reading (while devices <= "
                         f"{per_device_max})",
@@ -46,10 +44,9 @@ def _staleness(d) -> list[str]:
     return lines
 
 
-def render(d) -> str:
-    """The whole exposition for :class:`faultwatch.runtime.daemon.daemon.Daemon` ``d``."""
-    net, counters = dict(d.inbox.counters) | dict(d.connection.counters), dict(d.counters)
-    engine, frames, outbox = dict(d.engine.counters), dict(d.frames.counters), dict(d.outbox.counters)
+def render(s: StatsSnapshot) -> str:
+    """The whole exposition of the daemon's snapshot ``s``."""
+    net, counters, engine, frames, outbox = s.network, s.counters, s.engine, s.frames, s.outbox
     lines: list[str] = []
 
     def counter(name: str, help_text: str, value) -> None:
@@ -65,31 +62,32 @@ def render(d) -> str:
     counter("engine_steps_total", "onnxruntime calls for readings", engine.get("steps", 0))
     counter("engine_imputed_values_total", "channel values missing and imputed",
             engine.get("imputed_values", 0))
-    lines += d.batch_sizes.render("faultwatch_step_batch_size", "devices per onnxruntime call")
-    lines += d.step_seconds.render("faultwatch_step_seconds", "duration of one onnxruntime call")
-    lines += d.latency.render("faultwatch_reading_latency_seconds",
-                              "reading received → its outputs queued for the broker")
-    gauge("queue_depth", "messages waiting for the engine thread", len(d.inbox))
-    gauge("open_frames", "per-channel samples being assembled", len(d.frames.pending))
-    gauge("outbox_depth", "messages waiting for the broker connection", len(d.outbox.held))
-    journal = d.outbox.journal
+    for histogram, name, help_text in (
+            (s.batch_sizes, "faultwatch_step_batch_size", "devices per onnxruntime call"),
+            (s.step_seconds, "faultwatch_step_seconds", "duration of one onnxruntime call"),
+            (s.latency, "faultwatch_reading_latency_seconds",
+             "reading received → its outputs queued for the broker")):
+        if histogram is not None:
+            lines += histogram.render(name, help_text)
+    gauge("queue_depth", "messages waiting for the engine thread", s.queue)
+    gauge("open_frames", "per-channel samples being assembled", s.open_frames)
+    gauge("outbox_depth", "messages waiting for the broker connection", s.outbox_depth)
     gauge("fault_journal_pending", "fault events on disk not yet acknowledged by the broker",
-          0 if journal is None else len(journal.entries))
+          s.journal_pending)
     lines += family("faultwatch_frames_total", "counter", "per-channel samples stepped, by how they closed",
                     [({"how": how}, frames.get(how, 0))
                      for how in ("complete", "timeout", "superseded", "evicted", "flushed")])
-    gauge("devices", "devices with state in memory", len(d.engine.table.slots))
-    gauge("devices_max", "engine.max_devices", d.config.engine.max_devices)
+    gauge("devices", "devices with state in memory", s.devices)
+    gauge("devices_max", "engine.max_devices", s.devices_max)
     counter("devices_evicted_total", "least recently seen devices evicted at the cap",
             engine.get("devices_evicted", 0))
     counter("other_partition_total", "messages of devices another daemon's partition steps (acknowledged)",
             counters.get("other_partition", 0))
-    active = d.engine.detector.active
-    gauge("faults_active", "devices with a fault raised now", int(np.count_nonzero(active)))
+    gauge("faults_active", "devices with a fault raised now", s.faults_active)
     counter("faults_raised_total", "fault events raised", engine.get("faults_raised", 0))
     counter("faults_cleared_total", "fault events cleared", engine.get("faults_cleared", 0))
-    lines += _staleness(d)
-    gauge("connected", "1 while connected to the broker", int(d.client.is_connected()))
+    lines += _staleness(s)
+    gauge("connected", "1 while connected to the broker", int(s.connected))
     counter("connects_total", "successful connections to the broker", net.get("connects", 0))
     counter("connect_refused_total", "connections the broker refused", net.get("connect_refused", 0))
     counter("connect_failures_total", "connection attempts that failed (unreachable, TLS handshake)",
@@ -105,10 +103,9 @@ def render(d) -> str:
     counter("discovery_announced_total", "devices announced to Home Assistant",
             counters.get("discovery_announced", 0))
     counter("callback_errors_total", "exceptions caught in MQTT callbacks", net.get("callback_errors", 0))
-    c = d.model.contract
     lines += family("faultwatch_model_info", "gauge", "the model running now",
-                    [({"sha256": d.model.sha256, "quantization": c.quantization,
-                       "features": str(len(c.features))}, 1)])
-    gauge("uptime_seconds", "seconds since start", round(time.monotonic() - d.started, 3))
+                    [({"sha256": s.model_sha256, "quantization": s.quantization,
+                       "features": str(s.features)}, 1)])
+    gauge("uptime_seconds", "seconds since start", round(s.uptime_s, 3))
     gauge("process_resident_memory_bytes", "resident set size", process_memory_bytes())
     return "\n".join(lines) + "\n"

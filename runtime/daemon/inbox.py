@@ -1,13 +1,12 @@
 """The daemon's way in: paho's network thread parses each message and queues it here for the
 engine thread, nothing more (a slow model step must never stall keep-alives).
 
-Queued items are plain tuples (thousands a second):
-
-- ``(READING, device, ts, values [F], features they are ordered by, mid, qos, received)``
-- ``(CHANNEL, device, ts, value, channel name, mid, qos, received)``
-- ``(REJECT, reason, mid, qos)``: counted by the engine thread, acknowledged all the same
-- ``(OTHER, mid, qos)``: a device of another daemon's partition (``input.partitions``):
-  counted and acknowledged, not parsed
+Queued items are small named tuples (thousands a second), one type per kind:
+:class:`ReadingItem` (a whole reading), :class:`ChannelItem` (one channel's value, on a
+per-channel topic), :class:`RejectItem` (counted by the engine thread, acknowledged all
+the same) and :class:`OtherPartitionItem` (a device of another daemon's partition,
+``input.partitions``: counted and acknowledged, not parsed). :mod:`.intake` turns them
+into readings.
 
 ``received`` is ``time.monotonic()`` at arrival. The queue is bounded: beyond
 ``input.max_queue`` a QoS 0 reading is dropped (counted), while for QoS 1 the
@@ -22,7 +21,9 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.payload import PayloadError, parse_reading, parse_value
@@ -30,7 +31,48 @@ from faultwatch.runtime.daemon.topics import TopicMatcher, device_partition
 
 log = logging.getLogger("faultwatch")
 
-READING, CHANNEL, REJECT, OTHER = 0, 1, 2, 3
+
+
+class ReadingItem(NamedTuple):
+    """A whole reading: every channel in one payload."""
+
+    device: str
+    ts: float
+    values: np.ndarray  # [F], in the order of `features`
+    features: tuple[str, ...]  # the model's features when it was parsed (a reload may change them)
+    mid: int
+    qos: int
+    received: float
+
+
+class ChannelItem(NamedTuple):
+    """One channel's value, from a per-channel topic (``{device}/{channel}``)."""
+
+    device: str
+    ts: float
+    value: float
+    channel: str
+    mid: int
+    qos: int
+    received: float
+
+
+class RejectItem(NamedTuple):
+    """A message that is not a reading (``reason`` names why): counted, acknowledged."""
+
+    reason: str
+    mid: int
+    qos: int
+
+
+class OtherPartitionItem(NamedTuple):
+    """A reading of a device another daemon's partition steps: counted, acknowledged, not parsed."""
+
+    mid: int
+    qos: int
+
+
+InboxItem = ReadingItem | ChannelItem | RejectItem | OtherPartitionItem
 
 
 class Inbox:
@@ -43,7 +85,7 @@ class Inbox:
         self.partitions, self.partition = config.input.partitions, config.input.partition
         self.command_topic = command_topic
         self.on_command = on_command
-        self.items: deque[tuple] = deque()
+        self.items: deque[InboxItem] = deque()
         self.wakeup = threading.Event()
         self.counters: Counter = Counter()  # counted on the network thread only
         self._last_bad_log = 0.0
@@ -70,22 +112,23 @@ class Inbox:
                 return
             self.counters["received"] += 1
             found = self.topics.match(topic) if topic else None
+            item: InboxItem
             if found is None:
-                item = (REJECT, "bad_topic", mid, qos)
+                item = RejectItem("bad_topic", mid, qos)
             elif self.partitions > 1 and device_partition(found[0], self.partitions) != self.partition:
-                item = (OTHER, mid, qos)
+                item = OtherPartitionItem(mid, qos)
             else:
                 device, channel = found
                 try:
                     if channel is None:
                         features = self.features
                         ts, values = parse_reading(message.payload, features, time.time(), self.max_bytes)
-                        item = (READING, device, ts, values, features, mid, qos, time.monotonic())
+                        item = ReadingItem(device, ts, values, features, mid, qos, time.monotonic())
                     else:
                         ts, value = parse_value(message.payload, time.time(), self.max_bytes)
-                        item = (CHANNEL, device, ts, value, channel, mid, qos, time.monotonic())
+                        item = ChannelItem(device, ts, value, channel, mid, qos, time.monotonic())
                 except PayloadError as exc:
-                    item = (REJECT, exc.reason, mid, qos)
+                    item = RejectItem(exc.reason, mid, qos)
                     self._log_bad(topic, exc)
             if qos == 0 and len(self.items) >= self.max_queue:
                 self.counters["dropped_queue_full"] += 1
@@ -107,14 +150,14 @@ class Inbox:
     # -- engine thread ---------------------------------------------------------------------
 
     def take(self, limit: int, max_latency_s: float, timeout: float,
-             hold_until: Callable[[], float] | None = None) -> list[tuple]:
+             hold_until: Callable[[], float] | None = None) -> list[InboxItem]:
         """Up to ``limit`` items: waits up to ``timeout`` for a first one, then up to
         ``max_latency_s`` for the batch to fill, or until ``hold_until()`` (a time.monotonic()
         value, asked once the first item is there) if that is later."""
         if not self.items:
             self.wakeup.wait(timeout)
         self.wakeup.clear()  # before taking: an item added from now on sets it again
-        batch: list[tuple] = []
+        batch: list[InboxItem] = []
         end = time.monotonic() + max_latency_s
         if hold_until is not None and self.items:
             end = max(end, hold_until())

@@ -19,8 +19,10 @@ import os
 import tempfile
 from collections import Counter, OrderedDict, deque
 from pathlib import Path
+from typing import TextIO
 
 import paho.mqtt.client as mqtt
+from faultwatch.runtime.daemon.mqtt.transport import Transport
 
 log = logging.getLogger("faultwatch")
 
@@ -41,7 +43,7 @@ class FaultJournal:
         self._seq = 0
         self._dirty = False
         self._dropped_since_rewrite = 0
-        self._file = None
+        self._file: TextIO | None = None
         self._load()
 
     def _load(self) -> None:
@@ -69,7 +71,7 @@ class FaultJournal:
     def unsent(self) -> list[tuple[int, str, bytes]]:
         return [(seq, e[0], e[1]) for seq, e in self.entries.items() if e[2] is None]
 
-    def _open(self):
+    def _open(self) -> TextIO:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
@@ -147,7 +149,7 @@ class FaultJournal:
 class Outbox:
     """One ordered way out for everything the engine thread publishes (see the module doc)."""
 
-    def __init__(self, client: mqtt.Client, max_held: int, journal: FaultJournal | None = None):
+    def __init__(self, client: Transport, max_held: int, journal: FaultJournal | None = None):
         self.client = client
         self.max_held = max_held
         self.journal = journal

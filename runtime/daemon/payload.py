@@ -77,7 +77,7 @@ def _timestamp(raw, now: float) -> float:
     return ts
 
 
-def _too_deep(payload: bytes) -> bool:
+def _too_deep(payload: bytes | bytearray) -> bool:
     """Brackets nested deeper than MAX_DEPTH (counting those inside strings too: a reading has none).
 
     json.loads would fail on deep nesting with a RecursionError only near the interpreter's
@@ -91,7 +91,7 @@ def _too_deep(payload: bytes) -> bool:
     return bool(np.cumsum(step).max() > MAX_DEPTH)
 
 
-def _json(payload: bytes, max_bytes: int):
+def _json(payload: bytes | bytearray, max_bytes: int):
     if len(payload) > max_bytes:
         raise PayloadError("too_large", f"{len(payload)} bytes > {max_bytes}")
     if _too_deep(payload):
@@ -119,7 +119,7 @@ def _number(v, name: str) -> float:
 
 
 def parse_reading(
-    payload: bytes,
+    payload: bytes | bytearray,
     features: Sequence[str],
     now: float,
     max_bytes: int = MAX_PAYLOAD_BYTES,
@@ -142,7 +142,8 @@ def parse_reading(
     return _timestamp(get("ts"), now), np.array(values)
 
 
-def parse_value(payload: bytes, now: float, max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[float, float]:
+def parse_value(payload: bytes | bytearray, now: float,
+                max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[float, float]:
     """One channel's payload → (ts, value): a plain number, or ``{"value": v, "ts": t}``."""
     body = _json(payload, max_bytes)
     if isinstance(body, dict):
@@ -183,7 +184,7 @@ class ForecastEncoder:
         if not outputs:
             return []
         forecast = np.round(np.array([o.forecast for o in outputs], dtype=np.float64), 6)  # [B, K]
-        finite = np.isfinite(forecast).all(axis=1).tolist()
+        finite: list[bool] = np.isfinite(forecast).all(axis=1).tolist()  # type: ignore[assignment]  # [B]
         template, messages = self.template, []
         for out, row, ok in zip(outputs, forecast.tolist(), finite, strict=True):
             thr = out.threshold if math.isfinite(out.threshold) else threshold

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,7 +29,8 @@ def save_snapshot(state_dir: Path, arrays: dict[str, np.ndarray], model_sha256: 
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state.", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, _format=np.array(FORMAT), _model_sha256=np.array(model_sha256), **arrays)
+            tagged: dict[str, Any] = {"_format": np.array(FORMAT), "_model_sha256": np.array(model_sha256)}
+            np.savez(f, **(tagged | arrays))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,3 +66,39 @@ def load_snapshot(state_dir: Path, model_sha256: str) -> dict[str, np.ndarray] |
                     "discarded, devices start fresh with warm-up", path, saved_sha[:12], model_sha256[:12])
         return None
     return arrays
+
+
+class StatefulEngine(Protocol):
+    def export_state(self) -> dict[str, np.ndarray]: ...
+    def import_state(self, saved: dict[str, np.ndarray], /) -> int: ...
+
+
+class StateSnapshots:
+    """The daemon's snapshots in ``state_dir`` ("" = none): restored at start, saved now and then."""
+
+    def __init__(self, state_dir: str, counters: Counter):
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.counters = counters  # the daemon's engine-thread counters
+
+    def restore(self, engine: StatefulEngine, model_sha256: str) -> None:
+        if self.state_dir is None:
+            return
+        saved = load_snapshot(self.state_dir, model_sha256)
+        if saved is None:
+            return
+        try:
+            n = engine.import_state(saved)
+        except (KeyError, ValueError) as exc:
+            log.warning("state snapshot does not fit the model (%s): starting fresh", exc)
+            return
+        log.info("restored the state of %d device(s) from %s", n, self.state_dir)
+
+    def save(self, engine: StatefulEngine, model_sha256: str) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            save_snapshot(self.state_dir, engine.export_state(), model_sha256)
+            self.counters["snapshots"] += 1
+        except OSError as exc:
+            self.counters["snapshot_errors"] += 1
+            log.error("cannot write state snapshot to %s: %s", self.state_dir, exc)

@@ -22,9 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import paho.mqtt.client as mqtt
 from faultwatch.runtime.daemon.config import Config
-from faultwatch.runtime.daemon.mqtt.mqttclient import BufferedClient
+from faultwatch.runtime.daemon.mqtt.transport import make_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -65,15 +64,15 @@ class Connection:
         self.stopping = False
         self._last_fail_log = 0.0
         b = config.broker
-        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=b.client_id,
-                                protocol=mqtt.MQTTv5, manual_ack=True)
+        client = make_client(b.client, b.client_id)
         if b.username:
             client.username_pw_set(b.username, config.password())
         if b.tls_ca_file:
             client.tls_set(ca_certs=b.tls_ca_file, certfile=b.tls_cert_file or None,
                            keyfile=b.tls_key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.will_set(status_topic, "offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=b.reconnect_min_s, max_delay=b.reconnect_max_s)
+        # paho annotates the delays as int; they are used as seconds, fractions included.
+        client.reconnect_delay_set(min_delay=b.reconnect_min_s, max_delay=b.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(0)
         # Every QoS 1 output goes out at once, in order with the acknowledgements queued after it.
         client.max_inflight_messages_set(0)
@@ -97,7 +96,7 @@ class Connection:
     def is_connected(self) -> bool:
         return self.client.is_connected()
 
-    def stop(self, before_stopped: Callable[[], None] | None = None) -> None:
+    def stop(self, before_stopped: Callable[[], object] | None = None) -> None:
         """Publish ``stopped`` (after ``before_stopped``, while connected) and disconnect."""
         self.stopping = True
         if self.client.is_connected():

@@ -35,8 +35,11 @@ as a bare stock-paho subscriber that does nothing with the readings (18,000/s vs
 These hook paho's private methods (``_sock_recv``, ``_sock_send``,
 ``_packet_write``, ``_packet_queue``, ``_handle_publish``, ``loop_read``,
 ``want_write``) and attributes (``_sockpairW``, ``_sock``, ``_protocol``,
-``_out_packet``, ``_in_packet``, ...), stable across paho 2.x, which pyproject
-pins; ``tests/test_daemon_mqttclient.py`` fails if they go away. Bytes
+``_out_packet``, ``_in_packet``, ...; :data:`PAHO_METHODS`, :data:`PAHO_ATTRIBUTES`),
+present in the paho versions pyproject admits (the ones tested);
+``tests/integration/daemon/test_daemon_mqttclient.py`` fails if they go away, and
+the daemon falls back to paho's own client (:mod:`.transport`) if the installed
+paho lacks one. Bytes
 buffered for a connection are dropped when it is lost: QoS 1 messages are
 resent by paho on reconnect, unacknowledged readings are redelivered by the
 broker.
@@ -49,6 +52,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -58,6 +62,13 @@ _PUBACK = 0x40
 _PUBACK_HEAD = b"\x40\x02"  # PUBACK, remaining length 2: the packet id (reason 0 omitted, as v5 allows)
 WRITE_EVERY = 64  # while reading a long burst, flush the writes every this many packets
 _DISCONNECT = 0xE0
+_MS_INVALID = mqtt.MessageState.MQTT_MS_INVALID  # the state paho gives a received message (== 0)
+
+# What of paho's private API BufferedClient uses: methods it overrides or calls, attributes it reads.
+PAHO_METHODS = ("_sock_recv", "_sock_send", "_packet_write", "_packet_queue", "_handle_publish",
+                "_send_puback", "_easy_log", "loop_read", "want_write", "reconnect")
+PAHO_ATTRIBUTES = ("_sockpairW", "_sock", "_protocol", "_out_packet", "_in_packet", "_in_callback_mutex",
+                   "_manual_ack", "_userdata", "suppress_exceptions")
 
 
 class _Published:
@@ -132,7 +143,8 @@ class BufferedClient(mqtt.Client):
         # Writes are joined here already: Nagle's algorithm would only add delay (~40 ms
         # with delayed ACKs) to each batch's forecasts and acknowledgements.
         with contextlib.suppress(OSError, AttributeError):
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock: Any = self._sock  # a socket.socket, or an SSLSocket around one
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return rc
 
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
@@ -158,7 +170,8 @@ class BufferedClient(mqtt.Client):
         if len(packet) < end:
             return super()._handle_publish()
         message = mqtt.MQTTMessage.__new__(mqtt.MQTTMessage)
-        message.timestamp, message.state, message.info, message.properties = 0.0, 0, None, None
+        message.timestamp, message.state, message.properties = 0.0, _MS_INVALID, None
+        message.info = None  # type: ignore[assignment]  # no MQTTMessageInfo (its lock is the cost saved)
         message.mid, message._topic, message.qos = mid, topic, qos
         message.dup, message.retain = bool(header & 0x08), bool(header & 0x01)
         message.payload = bytes(packet[end:])
@@ -226,7 +239,7 @@ class BufferedClient(mqtt.Client):
             return False
         props = b"\x00" if self._protocol == mqtt.MQTTv5 else b""  # no properties
         head = bytes((_PUBLISH | bool(retain),))
-        parts = []
+        parts: list[bytes] = []
         for topic, payload in zip(topics, payloads, strict=True):
             name = topic.encode()
             parts += (head, _varint(2 + len(name) + len(props) + len(payload)),

@@ -1,0 +1,96 @@
+"""Emitter: what the daemon publishes for a batch of engine outputs, and when it acknowledges.
+
+Forecasts (every ``output.forecast_every``-th reading of a device), fault events (retained,
+journaled on disk until the broker has them), Home Assistant discovery for each new
+device, the result of a reload. Everything goes out through the :mod:`.outbox`, in order;
+the readings of a batch are acknowledged only after its outputs are queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from faultwatch.runtime.daemon.config import Config
+from faultwatch.runtime.daemon.discovery import Announced, discovery_messages
+from faultwatch.runtime.daemon.mqtt.transport import Transport
+from faultwatch.runtime.daemon.outbox import Outbox
+from faultwatch.runtime.daemon.payload import ForecastEncoder, fault_message
+from faultwatch.runtime.engine.contract import ModelContract
+from faultwatch.runtime.engine.engine import FaultEvent, Output
+
+log = logging.getLogger("faultwatch")
+
+
+class Emitter:
+    def __init__(self, config: Config, client: Transport, outbox: Outbox, status_topic: str,
+                 contract: ModelContract, counters: Counter):
+        self.config = config
+        self.prefix = config.output.prefix
+        self.client = client
+        self.outbox = outbox
+        self.status_topic = status_topic
+        self.counters = counters  # the daemon's engine-thread counters
+        self.announced = Announced(config.engine.max_devices)
+        self._nth: OrderedDict[str, int] = OrderedDict()  # readings since the last forecast, per device
+        self.adopt(contract)
+
+    def adopt(self, contract: ModelContract) -> None:
+        self.encoder = ForecastEncoder(contract.targets)
+
+    def emit(self, outputs: list[Output], acks: list[int], threshold: float) -> None:
+        """Publish the outputs of one batch, then acknowledge the messages (``acks``) it came in."""
+        out_cfg = self.config.output
+        every = out_cfg.forecast_every if out_cfg.forecasts else 0
+        forecast = [out for out in outputs if every == 1 or (every and self._due(out.device, every))]
+        with self.client.batch():
+            if forecast:
+                prefix = self.prefix
+                self.outbox.publish_many([f"{prefix}/{out.device}/forecast" for out in forecast],
+                                         self.encoder.encode_batch(forecast, threshold),
+                                         qos=out_cfg.forecast_qos)
+            discovery = self.config.homeassistant.discovery
+            for out in outputs:
+                if out.event is not None:
+                    self._publish_event(out.event)
+                if discovery and self.announced.new(out.device):
+                    self._announce(out.device)
+            if self.outbox.journal is not None:
+                self.outbox.journal.sync()  # fault events on disk before their readings are acked
+            # The outputs are queued with paho, in order: only now are the readings acknowledged.
+            self.client.ack_many(acks)
+
+    def _due(self, device: str, every: int) -> bool:
+        count = self._nth.pop(device, every - 1) + 1  # a device's first reading is published
+        if count >= every:
+            count = 0
+        elif len(self._nth) >= self.config.engine.max_devices:
+            self._nth.popitem(last=False)
+        self._nth[device] = count
+        return count == 0
+
+    def _publish_event(self, event: FaultEvent) -> None:
+        self.outbox.publish(f"{self.prefix}/{event.device}/fault", fault_message(event), qos=1,
+                            retain=True, droppable=False, journal=True)
+        log.info("fault %s on %s (score %.2f, threshold %.2f)%s", event.state, event.device,
+                 event.peak_score, event.threshold,
+                 "".join(f" {c['channel']}={c['reading']:.4g} (forecast {c['forecast']:.4g})"
+                         for c in event.top_channels))
+
+    def _announce(self, device: str) -> None:
+        for topic, payload in discovery_messages(
+                device, self.prefix, self.config.homeassistant.prefix,
+                scores=self.config.output.forecasts, model=Path(self.config.model).name,
+                status_topic=self.status_topic):
+            self.outbox.publish(topic, payload, qos=1, retain=True, droppable=False)
+        self.counters["discovery_announced"] += 1
+
+    def reload_result(self, body: dict) -> None:
+        """``{prefix}/reload``: what a reload request did (``body``), with the model's path."""
+        self.outbox.publish(f"{self.prefix}/reload", json.dumps({"model": self.config.model} | body).encode(),
+                            qos=1, droppable=False)
+
+    def stats(self, topic: str, stats: dict) -> None:
+        self.outbox.publish(topic, json.dumps(stats).encode(), qos=0)
