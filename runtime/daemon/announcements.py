@@ -37,7 +37,8 @@ FORMAT = 1
 
 
 class Announcements:
-    def __init__(self, state_dir: Path | None, max_devices: int, per_s: float):
+    def __init__(self, state_dir: Path | None, max_devices: int, per_s: float,
+                 counters: Counter | None = None):
         self.path = None if state_dir is None else state_dir / FILENAME
         self.max_devices = max_devices
         self.per_s = per_s
@@ -47,7 +48,7 @@ class Announcements:
         self.announced: OrderedDict[str, None] = OrderedDict.fromkeys(self._load())
         self.pending: OrderedDict[str, None] = OrderedDict()  # waiting for a token
         self.dirty = False
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counter() if counters is None else counters  # discovery_capped
 
     def __len__(self) -> int:
         return len(self.announced)

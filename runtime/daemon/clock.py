@@ -82,13 +82,15 @@ class DeviceLog:
 class ClockGuard:
     """Decides, reading by reading, what each timestamp means (see the module docstring)."""
 
-    def __init__(self, rules: ClockRules, max_devices: int = 10_000, every_s: float = 60.0):
+    def __init__(self, rules: ClockRules, max_devices: int = 10_000, every_s: float = 60.0,
+                 counters: Counter | None = None):
         self.rules = rules
         self.max_devices = max_devices
         # device → ts minus receive time of its last reading with a ts: its clock's offset
         self._offset: OrderedDict[str, float] = OrderedDict()
         self.log = DeviceLog(every_s)
-        self.counters: Counter = Counter()
+        # rejected_future_ts, clock_step_resets, ts_from_receive_time
+        self.counters: Counter = Counter() if counters is None else counters
 
     def admit(self, readings: list[Reading], received: Sequence[float],
               last_ts: Callable[[str], float]) -> tuple[list[int], list[str]]:
@@ -133,7 +135,7 @@ class ClockGuard:
                                       f"stepped ({last:.3f}; a duplicate, or out of order)")
 
     def _remember_offset(self, device: str, offset: float) -> None:
-        self._offset.pop(device, None)
-        if len(self._offset) >= self.max_devices:
-            self._offset.popitem(last=False)
-        self._offset[device] = offset
+        offsets = self._offset
+        if device not in offsets and len(offsets) >= self.max_devices:
+            offsets.popitem(last=False)  # bounded: the device known longest goes first
+        offsets[device] = offset

@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from faultwatch.runtime.daemon.clock import ClockGuard, ClockRules
 from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.daemon_metrics import render
 from faultwatch.runtime.daemon.emitter import Emitter
@@ -44,7 +45,7 @@ from faultwatch.runtime.daemon.observability import Observability, StatsSnapshot
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
 from faultwatch.runtime.daemon.reload import Reloader
 from faultwatch.runtime.daemon.snapshot import StateSnapshots
-from faultwatch.runtime.engine.engine import Engine, EngineSettings
+from faultwatch.runtime.engine.engine import Engine, EngineSettings, Reading
 from faultwatch.runtime.engine.model import StepModel
 
 log = logging.getLogger("faultwatch")
@@ -80,11 +81,14 @@ class Daemon:
         command_topic = f"{self.prefix}/command/reload"
         self.inbox = Inbox(config, self.model.contract.features, command_topic, self.reloader.requested.set)
         self.intake = Intake(config, self.model.contract, self.counters)
+        self.clock = ClockGuard(self._clock_rules(), config.engine.max_devices, counters=self.counters)
         self.snapshots = StateSnapshots(config.state_dir, self.counters)
         self.snapshots.restore(self.engine, self.model.sha256)
         subscriptions = [(s, config.input.qos) for s in self.inbox.topics.subscriptions]
         if config.reload.mqtt_command:
             subscriptions.append((command_topic, 0))
+        if self.inbox.forget_topic:
+            subscriptions.append((self.inbox.forget_topic, 0))
         # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
         self.connection = Connection(config, self.status_topic, subscriptions, self.inbox.on_message,
                                      self.inbox.full if config.input.qos == 1 else None)
@@ -102,8 +106,13 @@ class Daemon:
     def features(self) -> tuple[str, ...]:
         return self.model.contract.features
 
+    def _clock_rules(self) -> ClockRules:
+        i = self.config.input
+        return ClockRules(i.max_future_s, i.clock_step_tolerance_s or self.engine.max_gap_s)
+
     def _snapshot(self) -> None:
         self.snapshots.save(self.engine, self.model.sha256)
+        self.emitter.announcements.save()
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -125,16 +134,44 @@ class Daemon:
         return self.connection.resumed_at + self.config.input.reorder_window_s
 
     def _process(self, collected: Collected) -> None:
-        readings, received = in_time_order(collected.readings, collected.received)
-        outputs = [out for out in (self.engine.process(readings) if readings else []) if out is not None]
-        self.counters["dropped_out_of_order"] += len(readings) - len(outputs)  # duplicates, or older
-        self.emitter.emit(outputs, collected.acks, self.engine.threshold)
+        for device in collected.forget:
+            self._forget(device)
+        readings, received = self._admit(collected.readings, collected.received)
+        readings, received = in_time_order(readings, received)
+        results = self.engine.process(readings) if readings else []
+        outputs = [out for out in results if out is not None]
+        if len(outputs) < len(readings):  # duplicates, or older than the last stepped: say which
+            self.counters["dropped_out_of_order"] += len(readings) - len(outputs)
+            for reading, out in zip(readings, results, strict=True):
+                if out is None:
+                    self.clock.dropped(reading, self.engine.last_ts(reading.device))
+        evicted, self.engine.evicted_events = self.engine.evicted_events, []
+        self.emitter.emit(outputs, collected.acks, self.engine.threshold, evicted)
         self.counters["processed"] += len(outputs)
         if outputs:
             self.observed.mark_seen(self.engine.table.slots, self.engine.capacity,
                                     [out.device for out in outputs])
         if received:
             self.observed.latency.observe(time.monotonic() - np.asarray(received))
+
+    def _admit(self, readings: list[Reading], received: list[float]) -> tuple[list[Reading], list[float]]:
+        """The readings whose timestamps the engine can take (:mod:`.clock`): future ones out,
+        missing ones placed, devices whose clock stepped back restarted."""
+        to_wall = time.time() - time.monotonic()  # `received` is monotonic
+        kept, restart = self.clock.admit(readings, [t + to_wall for t in received], self.engine.last_ts)
+        for device in restart:
+            self.engine.restart(device)
+        if len(kept) == len(readings):
+            return readings, received
+        return [readings[i] for i in kept], [received[i] for i in kept]
+
+    def _forget(self, device: str) -> None:
+        """``{prefix}/command/forget``: the device's state, discovery configs and fault state go."""
+        held = self.engine.forget(device)
+        self.emitter.withdraw(device)
+        self.counters["devices_forgotten"] += 1
+        log.info("forgot device %s (%s): its Home Assistant configs and fault state deleted", device[:200],
+                 "its state dropped" if held else "no state held")
 
     # -- hot reload ------------------------------------------------------------------------
 
@@ -154,6 +191,7 @@ class Daemon:
         self.emitter.adopt(model.contract)
         self.inbox.features = model.contract.features
         self.reloader.swapped(old, model, kept)
+        self.clock.rules = self._clock_rules()  # the tolerance may follow the sample period
         self._snapshot()  # the snapshot on disk is tagged with the model it belongs to
 
     def _reload_result(self, body: dict) -> None:
@@ -233,8 +271,12 @@ class Daemon:
                 now = time.monotonic()
                 if self.reloader.due(now):
                     self._reload()
-                if now >= next_prune and self.outbox.journal is not None:
-                    self.outbox.journal.prune()
+                if now >= next_prune:
+                    if self.outbox.journal is not None:
+                        self.outbox.journal.prune()
+                    if self.client.is_connected():
+                        self.emitter.announce_due()  # those waiting for their turn
+                    self.emitter.announcements.save()
                     next_prune = now + 1.0
                 if now >= next_snapshot:
                     self._snapshot()

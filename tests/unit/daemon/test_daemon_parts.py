@@ -16,7 +16,7 @@ import pytest
 from daemon_harness import renamed_feature_model
 from faultwatch.runtime.cli import main as cli_main
 from faultwatch.runtime.daemon import config as cfg
-from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, object_id
+from faultwatch.runtime.daemon.discovery import discovery_messages, object_id
 from faultwatch.runtime.daemon.frames import FrameAssembler
 from faultwatch.runtime.daemon.metrics import Histogram, family
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
@@ -384,9 +384,6 @@ def test_discovery_messages_describe_both_entities():
     assert fault["unique_id"] != score["unique_id"]
     assert len(discovery_messages("pump-7", "fw", "ha", scores=False)) == 1
     assert object_id("a b") != object_id("a_b")  # sanitised ids never collide
-    announced = Announced(max_devices=10)
-    assert [announced.new(f"d{i % 15}") for i in range(15)] == [True] * 15
-    assert len(announced) == 10 and announced.new("d14") is False
 
 
 def test_metrics_text_format():
