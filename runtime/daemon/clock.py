@@ -26,8 +26,8 @@ timestamps) are logged per device, at most once per ``every_s`` per device.
 >>> last = {"a": 1000.0, "b": 1000.0, "c": 1000.0}.get  # what the engine stepped last
 >>> readings = [Reading("a", 99_999.0, None), Reading("b", 500.0, None), Reading("c", math.nan, None)]
 >>> kept, restart = guard.admit(readings, [600.0] * 3, lambda d: last(d, -math.inf))
->>> [(readings[i].device, readings[i].ts) for i in kept], restart
-([('b', 500.0), ('c', 1000.001)], ['b'])
+>>> [(readings[i].device, readings[i].ts) for i in kept], restart  # b restarts before kept[0]
+([('b', 500.0), ('c', 1000.001)], [(0, 'b')])
 >>> guard.counters["rejected_future_ts"], guard.counters["clock_step_resets"]
 (1, 1)
 """
@@ -93,15 +93,17 @@ class ClockGuard:
         self.counters: Counter = Counter() if counters is None else counters
 
     def admit(self, readings: list[Reading], received: Sequence[float],
-              last_ts: Callable[[str], float]) -> tuple[list[int], list[str]]:
-        """(indices of the readings to step, devices to restart before stepping them).
+              last_ts: Callable[[str], float]) -> tuple[list[int], list[tuple[int, str]]]:
+        """(indices of the readings to step, restarts): each restart ``(k, device)`` comes
+        between the ``k``-th kept reading and the one before (readings before it, of the same
+        batch, belong to the clock before the step).
 
         ``received``: each reading's receive time (epoch seconds); ``last_ts(device)``: the
         ts the engine last stepped for it (-inf if none). A reading without ts gets one, in
         place (``readings`` is updated).
         """
         kept: list[int] = []
-        restart: list[str] = []
+        restart: list[tuple[int, str]] = []
         placed: dict[str, float] = {}  # the latest ts given to a device in this batch
         for i, r in enumerate(readings):
             last = placed.get(r.device, last_ts(r.device))
@@ -118,13 +120,12 @@ class ClockGuard:
                 continue
             else:
                 self._remember_offset(r.device, r.ts - received[i])
-                if r.device not in placed and last - r.ts > self.rules.step_back_s:
-                    restart.append(r.device)
-                    last = -math.inf
+                if last - r.ts > self.rules.step_back_s:
+                    restart.append((len(kept), r.device))
                     self.counters["clock_step_resets"] += 1
-                    self.log.warn(r.device, f"clock stepped back {last_ts(r.device) - r.ts:.0f} s "
-                                            f"(ts {r.ts:.3f}, last stepped {last_ts(r.device):.3f}): "
-                                            f"device restarted with warm-up")
+                    self.log.warn(r.device, f"clock stepped back {last - r.ts:.0f} s (ts {r.ts:.3f}, "
+                                            f"last {last:.3f}): device restarted with warm-up")
+                    last = -math.inf
             placed[r.device] = max(last, readings[i].ts)
             kept.append(i)
         return kept, restart

@@ -12,12 +12,11 @@ RULES = ClockRules(max_future_s=300.0, step_back_s=60.0)
 
 
 def _admit(guard: ClockGuard, readings: list[Reading], received: list[float], last: dict[str, float]):
-    kept, restart = guard.admit(readings, received, lambda d: last.get(d, -math.inf))
-    for i in kept:  # what the engine would step
+    kept, restarts = guard.admit(readings, received, lambda d: last.get(d, -math.inf))
+    for k, i in enumerate(kept):  # what the engine would step
         r = readings[i]
-        if r.device in restart:
+        if (k, r.device) in restarts:
             last[r.device] = -math.inf
-            restart.remove(r.device)
         if r.ts > last.get(r.device, -math.inf):
             last[r.device] = r.ts
     return [readings[i].ts for i in kept]
@@ -36,10 +35,18 @@ def test_a_future_ts_is_rejected_and_later_readings_still_step():
 def test_a_clock_stepped_back_beyond_the_tolerance_restarts_the_device():
     guard, last = ClockGuard(RULES), {"p": 10_000.0}
     kept, restart = guard.admit([Reading("p", 10_000.0 - 61, None)], [10_000.0], last.__getitem__)
-    assert kept == [0] and restart == ["p"] and guard.counters["clock_step_resets"] == 1
+    assert kept == [0] and restart == [(0, "p")] and guard.counters["clock_step_resets"] == 1
     # within the tolerance it is an out-of-order reading: the engine drops it, no restart
     kept, restart = guard.admit([Reading("p", 10_000.0 - 59, None)], [10_000.0], last.__getitem__)
     assert kept == [0] and restart == []
+
+
+def test_a_step_back_within_one_batch_restarts_between_its_readings():
+    guard, last = ClockGuard(RULES), {"p": 999.0}
+    batch = [Reading("p", 1000.0, None), Reading("p", 1001.0, None), Reading("p", 10.0, None),
+             Reading("p", 11.0, None)]
+    kept, restarts = guard.admit(batch, [1001.0] * 4, last.__getitem__)
+    assert kept == [0, 1, 2, 3] and restarts == [(2, "p")]
 
 
 def test_without_ts_a_device_running_behind_keeps_its_own_clock():
