@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 
 from daemon_harness import (
     Daemon,
@@ -30,7 +31,7 @@ def _config(client_id: str, **extra) -> dict:
         "metrics": {"listen": ""},
     }
     for section, values in extra.items():
-        config[section] = config.get(section, {}) | values
+        config[section] = config.get(section, {}) | values if isinstance(values, dict) else values
     return config
 
 
@@ -187,7 +188,28 @@ def test_two_daemons_on_one_client_id_report_the_takeover_and_back_off(broker, t
              timeout=120, message=lambda: a.log() + b.log())
     for daemon in (a, b):
         delays = [float(d) for d in takeover.findall(daemon.log())]
-        assert delays == sorted(delays), delays  # backing off, not storming
+        assert delays == sorted(delays), delays  # backing off, not storming...
+        for waited, delay in _waits(daemon.log(), takeover):
+            assert waited >= 0.9 * delay, (waited, delay, daemon.log())  # ...and it did wait
+    assert _waits(a.log(), takeover) or _waits(b.log(), takeover)
     longest = max(takeover.findall(a.log()) + takeover.findall(b.log()), key=float)
     assert float(longest) >= 1.6
     assert a.terminate() == 0 and b.terminate() == 0
+
+
+def _waits(log: str, takeover: re.Pattern) -> list[tuple[float, float]]:
+    """(seconds from a takeover line to the next connect, the delay it announced) in ``log``."""
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+    out, pending = [], None
+    for line in log.splitlines():
+        found = stamp.match(line)
+        if not found:
+            continue
+        at = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        delay = takeover.search(line)
+        if delay:
+            pending = (at, float(delay.group(1)))
+        elif pending and "connected to " in line:
+            out.append((at - pending[0], pending[1]))
+            pending = None
+    return out
