@@ -19,8 +19,9 @@ device for good, so the engine thread first puts every reading through :class:`C
   the device's last reading. A device whose clock runs an hour behind is not moved an hour
   ahead by one reading without ``ts``.
 
-Rejected readings, clock resets, and readings the engine then drops as not newer (with both
-timestamps) are logged per device, at most once per ``every_s`` per device.
+:meth:`ClockGuard.step` runs the engine on what is admitted. Rejected readings, clock resets,
+and readings the engine then drops as not newer (with both timestamps) are logged per device,
+at most once per ``every_s`` per device.
 
 >>> guard = ClockGuard(ClockRules(max_future_s=300.0, step_back_s=60.0))
 >>> last = {"a": 1000.0, "b": 1000.0, "c": 1000.0}.get  # what the engine stepped last
@@ -41,7 +42,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from faultwatch.runtime.engine.engine import Reading
+from faultwatch.runtime.daemon.intake import in_time_order
+from faultwatch.runtime.engine.engine import Engine, Output, Reading
 
 log = logging.getLogger("faultwatch")
 
@@ -130,10 +132,34 @@ class ClockGuard:
             kept.append(i)
         return kept, restart
 
-    def dropped(self, reading: Reading, last: float) -> None:
-        """The engine did not step ``reading``: not newer than ``last``, its device's last ts."""
-        self.log.warn(reading.device, f"reading dropped: ts {reading.ts:.3f} is not newer than the last "
-                                      f"stepped ({last:.3f}; a duplicate, or out of order)")
+    def step(self, engine: Engine, readings: list[Reading], received: Sequence[float]) -> list[Output]:
+        """The outputs of ``engine`` for the readings it can take (see :meth:`admit`): devices
+        restarted where their clock stepped back, each part in time order; the readings the
+        engine then drops (not newer than its last) counted and logged."""
+        kept, restarts = self.admit(readings, received, engine.last_ts)
+        if len(kept) < len(readings):
+            readings = [readings[i] for i in kept]
+        outputs: list[Output] = []
+        start = 0
+        for end, device in restarts:  # a clock stepped back splits the batch where it did
+            outputs += self._step(engine, readings[start:end])
+            engine.restart(device)
+            start = end
+        return outputs + self._step(engine, readings[start:])
+
+    def _step(self, engine: Engine, readings: list[Reading]) -> list[Output]:
+        readings = in_time_order(readings, [0.0] * len(readings))[0]  # (arrival times: not needed)
+        results = engine.process(readings) if readings else []
+        outputs = [out for out in results if out is not None]
+        if len(outputs) < len(readings):
+            self.counters["dropped_out_of_order"] += len(readings) - len(outputs)
+            for reading, out in zip(readings, results, strict=True):
+                if out is None:
+                    last = engine.last_ts(reading.device)
+                    self.log.warn(reading.device, f"reading dropped: ts {reading.ts:.3f} is not newer "
+                                                  f"than the last stepped ({last:.3f}; a duplicate, or "
+                                                  f"out of order)")
+        return outputs
 
     def _remember_offset(self, device: str, offset: float) -> None:
         offsets = self._offset

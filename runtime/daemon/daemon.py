@@ -38,14 +38,14 @@ from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.daemon_metrics import render
 from faultwatch.runtime.daemon.emitter import Emitter
 from faultwatch.runtime.daemon.inbox import Inbox, InboxItem
-from faultwatch.runtime.daemon.intake import Collected, Intake, in_time_order
+from faultwatch.runtime.daemon.intake import Collected, Intake
 from faultwatch.runtime.daemon.metrics import TimedModel
 from faultwatch.runtime.daemon.mqtt.connection import Connection
 from faultwatch.runtime.daemon.observability import Observability, StatsSnapshot
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
 from faultwatch.runtime.daemon.reload import Reloader
 from faultwatch.runtime.daemon.snapshot import StateSnapshots
-from faultwatch.runtime.engine.engine import Engine, EngineSettings, Output, Reading
+from faultwatch.runtime.engine.engine import Engine, EngineSettings
 from faultwatch.runtime.engine.model import StepModel
 
 log = logging.getLogger("faultwatch")
@@ -137,17 +137,8 @@ class Daemon:
         for device in collected.forget:
             self._forget(device)
         to_wall = time.time() - time.monotonic()  # `received` is monotonic
-        readings, received = collected.readings, collected.received
-        kept, restarts = self.clock.admit(readings, [t + to_wall for t in received], self.engine.last_ts)
-        if len(kept) < len(readings):
-            readings, received = [readings[i] for i in kept], [received[i] for i in kept]
-        outputs: list[Output] = []
-        start = 0
-        for end, device in restarts:  # a clock stepped back splits the batch where it did
-            outputs += self._step(readings[start:end])
-            self.engine.restart(device)
-            start = end
-        outputs += self._step(readings[start:])
+        received = collected.received
+        outputs = self.clock.step(self.engine, collected.readings, [t + to_wall for t in received])
         evicted, self.engine.evicted_events = self.engine.evicted_events, []
         self.emitter.emit(outputs, collected.acks, self.engine.threshold, evicted)
         self.counters["processed"] += len(outputs)
@@ -156,18 +147,6 @@ class Daemon:
                                     [out.device for out in outputs])
         if received:
             self.observed.latency.observe(time.monotonic() - np.asarray(received))
-
-    def _step(self, readings: list[Reading]) -> list[Output]:
-        """The engine's outputs for ``readings``; those it drops (not newer) are counted and logged."""
-        readings = in_time_order(readings, [0.0] * len(readings))[0]  # (arrival times: not needed here)
-        results = self.engine.process(readings) if readings else []
-        outputs = [out for out in results if out is not None]
-        if len(outputs) < len(readings):  # duplicates, or older than the last stepped: say which
-            self.counters["dropped_out_of_order"] += len(readings) - len(outputs)
-            for reading, out in zip(readings, results, strict=True):
-                if out is None:
-                    self.clock.dropped(reading, self.engine.last_ts(reading.device))
-        return outputs
 
     def _forget(self, device: str) -> None:
         """``{prefix}/command/forget``: the device's state, discovery configs and fault state go."""
