@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 
 import numpy as np
@@ -123,11 +124,13 @@ def _expected_reason(matcher: TopicMatcher, topic: str, body: bytes) -> str | No
         return "rejected_bad_topic"
     try:
         if found[1] is None:
-            parse_reading(body, CHANNELS, now=0.0)
+            ts, _ = parse_reading(body, CHANNELS, now=0.0)
         else:
-            parse_value(body, now=0.0)
+            ts, _ = parse_value(body, now=0.0)
     except PayloadError as exc:
         return f"rejected_{exc.reason}"
+    if ts > time.time() + 300.0:  # input.max_future_s
+        return "rejected_future_ts"
     return None if found[1] in (None, *CHANNELS) else "ignored_channel"
 
 
@@ -159,7 +162,7 @@ def test_thousands_of_hostile_payloads_are_counted_and_valid_readings_still_answ
         send()
         publisher.wait(timeout=120)
         assert sum(expected.values()) > 2000 and len(expected) >= 8, expected
-        good_ts = 1_800_000_000.0
+        good_ts = 1_750_000_000.0  # in the past: a ts from the future is rejected
         publisher.send("sensors/pump-after", payload(good_ts, simulate(steps=1, seed=42).values[0, 0]))
         publisher.wait()
         wait_for(lambda: ("pump-after", good_ts) in answered(recorder.messages()), timeout=60,
