@@ -71,6 +71,11 @@ class InputConfig:
     # After resuming a session (readings held for us at the broker), readings arriving within this
     # long are stepped in time order: a broker may resend older ones after newer ones.
     reorder_window_s: float = 1.0
+    # A reading whose ts is further ahead of its receive time is rejected (rejected_future_ts).
+    max_future_s: float = 300.0
+    # A ts this much older than its device's last stepped one means the device's clock was set
+    # back: the device restarts (with warm-up). 0 = engine.max_gap_periods sample periods.
+    clock_step_tolerance_s: float = 0.0
 
 
 @dataclass
@@ -103,6 +108,8 @@ class EngineConfig:
 class HomeAssistantConfig:
     discovery: bool = True
     prefix: str = "homeassistant"
+    max_devices: int = 1000  # devices announced at most (kept in the state dir); later ones are not
+    announce_per_s: float = 10.0  # announcements a second at most (the rest wait their turn)
 
 
 @dataclass
@@ -113,7 +120,8 @@ class MetricsConfig:
 
 @dataclass
 class CommandsConfig:
-    # {prefix}/command/reload (reloads the model, as SIGHUP does). Off: anyone who may publish
+    # {prefix}/command/reload (reloads the model, as SIGHUP does) and {prefix}/command/forget
+    # (payload: a device id; withdraws it from Home Assistant). Off: anyone who may publish
     # there could make the daemon act; enable it with a broker ACL that limits who may.
     enabled: bool = False
 
@@ -178,6 +186,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "output.outbox_max": (0, 10_000_000),
     "output.fault_journal_max": (1, 10_000_000),
     "input.reorder_window_s": (0, 60),
+    "input.max_future_s": (0, 366 * 86_400),
+    "input.clock_step_tolerance_s": (0, 366 * 86_400),
+    "homeassistant.max_devices": (0, 1_000_000),
+    "homeassistant.announce_per_s": (0.01, 10_000),
     "input.partitions": (1, 1024),
     "input.partition": (0, 1023),
     "engine.max_devices": (1, 1_000_000),

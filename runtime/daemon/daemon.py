@@ -33,11 +33,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from faultwatch.runtime.daemon.clock import ClockGuard, ClockRules
 from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.daemon_metrics import render
 from faultwatch.runtime.daemon.emitter import Emitter
 from faultwatch.runtime.daemon.inbox import Inbox, InboxItem
-from faultwatch.runtime.daemon.intake import Collected, Intake, in_time_order
+from faultwatch.runtime.daemon.intake import Collected, Intake
 from faultwatch.runtime.daemon.logformat import configure_logging
 from faultwatch.runtime.daemon.metrics import TimedModel
 from faultwatch.runtime.daemon.mqtt.connection import Connection
@@ -82,11 +83,14 @@ class Daemon:
         command_topic = f"{self.prefix}/command/reload" if config.commands.enabled else ""
         self.inbox = Inbox(config, self.model.contract.features, command_topic, self.reloader.requested.set)
         self.intake = Intake(config, self.model.contract, self.counters)
+        self.clock = ClockGuard(self._clock_rules(), config.engine.max_devices, counters=self.counters)
         self.snapshots = StateSnapshots(config.state_dir, self.counters)
         self.snapshots.restore(self.engine, self.model.sha256)
         subscriptions = [(s, config.input.qos) for s in self.inbox.topics.subscriptions]
         if config.commands.enabled:
             subscriptions.append((command_topic, 0))
+        if self.inbox.forget_topic:
+            subscriptions.append((self.inbox.forget_topic, 0))
         # QoS 1 readings are never dropped: beyond max_queue they wait at the broker.
         self.connection = Connection(config, self.status_topic, subscriptions, self.inbox.on_message,
                                      self.inbox.full if config.input.qos == 1 else None)
@@ -104,8 +108,13 @@ class Daemon:
     def features(self) -> tuple[str, ...]:
         return self.model.contract.features
 
+    def _clock_rules(self) -> ClockRules:
+        i = self.config.input
+        return ClockRules(i.max_future_s, i.clock_step_tolerance_s or self.engine.max_gap_s)
+
     def _snapshot(self) -> None:
         self.snapshots.save(self.engine, self.model.sha256)
+        self.emitter.announcements.save()
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -127,16 +136,27 @@ class Daemon:
         return self.connection.resumed_at + self.config.input.reorder_window_s
 
     def _process(self, collected: Collected) -> None:
-        readings, received = in_time_order(collected.readings, collected.received)
-        outputs = [out for out in (self.engine.process(readings) if readings else []) if out is not None]
-        self.counters["dropped_out_of_order"] += len(readings) - len(outputs)  # duplicates, or older
-        self.emitter.emit(outputs, collected.acks, self.engine.threshold)
+        for device in collected.forget:
+            self._forget(device)
+        to_wall = time.time() - time.monotonic()  # `received` is monotonic
+        received = collected.received
+        outputs = self.clock.step(self.engine, collected.readings, [t + to_wall for t in received])
+        evicted, self.engine.evicted_events = self.engine.evicted_events, []
+        self.emitter.emit(outputs, collected.acks, self.engine.threshold, evicted)
         self.counters["processed"] += len(outputs)
         if outputs:
             self.observed.mark_seen(self.engine.table.slots, self.engine.capacity,
                                     [out.device for out in outputs])
         if received:
             self.observed.latency.observe(time.monotonic() - np.asarray(received))
+
+    def _forget(self, device: str) -> None:
+        """``{prefix}/command/forget``: the device's state, discovery configs and fault state go."""
+        held = self.engine.forget(device)
+        self.emitter.withdraw(device)
+        self.counters["devices_forgotten"] += 1
+        log.info("forgot device %s (%s): its Home Assistant configs and fault state deleted", device[:200],
+                 "its state dropped" if held else "no state held")
 
     # -- hot reload ------------------------------------------------------------------------
 
@@ -156,6 +176,7 @@ class Daemon:
         self.emitter.adopt(model.contract)
         self.inbox.features = model.contract.features
         self.reloader.swapped(old, model, kept)
+        self.clock.rules = self._clock_rules()  # the tolerance may follow the sample period
         self._snapshot()  # the snapshot on disk is tagged with the model it belongs to
 
     def _reload_result(self, body: dict) -> None:
@@ -235,8 +256,12 @@ class Daemon:
                 now = time.monotonic()
                 if self.reloader.due(now):
                     self._reload()
-                if now >= next_prune and self.outbox.journal is not None:
-                    self.outbox.journal.prune()
+                if now >= next_prune:
+                    if self.outbox.journal is not None:
+                        self.outbox.journal.prune()
+                    if self.client.is_connected():
+                        self.emitter.announce_due()  # those waiting for their turn
+                    self.emitter.announcements.save()
                     next_prune = now + 1.0
                 if now >= next_snapshot:
                     self._snapshot()

@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery: every device the daemon sees appears in Home Assistant.
 
-Per device, two retained config messages (published once per device and run;
-retained, so Home Assistant finds them whenever it starts):
+Per device, two retained config messages (published once per device, capped and
+rate-limited by :mod:`.announcements`; retained, so Home Assistant finds them whenever it
+starts):
 
 - ``{ha}/binary_sensor/faultwatch_{id}/fault/config``: *Fault*, device class
   ``problem``, on while a fault is raised, from ``{prefix}/{device}/fault``
@@ -29,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import OrderedDict
 
 from faultwatch.runtime.version import VERSION
 
@@ -96,23 +96,3 @@ def discovery_messages(device: str, prefix: str, ha_prefix: str, scores: bool,
             **availability,
         }))
     return [(topic, json.dumps(body, sort_keys=True).encode()) for topic, body in messages]
-
-
-class Announced:
-    """Devices already announced in this run; bounded (least recently announced forgotten first)."""
-
-    def __init__(self, max_devices: int):
-        self.max_devices = max_devices
-        self._seen: OrderedDict[str, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def new(self, device: str) -> bool:
-        """True the first time ``device`` is asked about (again after it was forgotten)."""
-        if device in self._seen:
-            return False
-        if len(self._seen) >= self.max_devices:
-            self._seen.popitem(last=False)
-        self._seen[device] = None
-        return True

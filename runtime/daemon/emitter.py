@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from faultwatch.runtime.daemon.announcements import Announcements
 from faultwatch.runtime.daemon.config import Config
-from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, initial_fault_state
+from faultwatch.runtime.daemon.discovery import discovery_messages, initial_fault_state
 from faultwatch.runtime.daemon.mqtt.transport import Transport
 from faultwatch.runtime.daemon.outbox import Outbox
 from faultwatch.runtime.daemon.payload import ForecastEncoder, fault_message
@@ -33,15 +35,23 @@ class Emitter:
         self.outbox = outbox
         self.status_topic = status_topic
         self.counters = counters  # the daemon's engine-thread counters
-        self.announced = Announced(config.engine.max_devices)
+        ha = config.homeassistant
+        self.announcements = Announcements(Path(config.state_dir) if config.state_dir else None,
+                                           ha.max_devices, ha.announce_per_s, counters)
         self._nth: OrderedDict[str, int] = OrderedDict()  # readings since the last forecast, per device
+        # Devices whose last published fault event is "raised": an announcement made later (they are
+        # rate-limited) must not overwrite that retained state with the initial "ok". Bounded: the
+        # engine clears a device's fault when it evicts it.
+        self._raised: set[str] = set()
         self.adopt(contract)
 
     def adopt(self, contract: ModelContract) -> None:
         self.encoder = ForecastEncoder(contract.targets)
 
-    def emit(self, outputs: list[Output], acks: list[int], threshold: float) -> None:
-        """Publish the outputs of one batch, then acknowledge the messages (``acks``) it came in."""
+    def emit(self, outputs: list[Output], acks: list[int], threshold: float,
+             events: list[FaultEvent] | None = None) -> None:
+        """Publish the outputs of one batch (and ``events`` of devices not in it: evicted), then
+        acknowledge the messages (``acks``) it came in."""
         out_cfg = self.config.output
         every = out_cfg.forecast_every if out_cfg.forecasts else 0
         forecast = [out for out in outputs if every == 1 or (every and self._due(out.device, every))]
@@ -51,12 +61,15 @@ class Emitter:
                 self.outbox.publish_many([f"{prefix}/{out.device}/forecast" for out in forecast],
                                          self.encoder.encode_batch(forecast, threshold),
                                          qos=out_cfg.forecast_qos)
+            for event in events or ():
+                self._publish_event(event)
             discovery = self.config.homeassistant.discovery
             for out in outputs:
                 if out.event is not None:
                     self._publish_event(out.event)
-                if discovery and self.announced.new(out.device):
-                    self._announce(out)
+                if discovery:
+                    self.announcements.want(out.device)
+            self.announce_due()
             if self.outbox.journal is not None:
                 self.outbox.journal.sync()  # fault events on disk before their readings are acked
             # The outputs are queued with paho, in order: only now are the readings acknowledged.
@@ -72,6 +85,10 @@ class Emitter:
         return count == 0
 
     def _publish_event(self, event: FaultEvent) -> None:
+        if event.state == "raised":
+            self._raised.add(event.device)
+        else:
+            self._raised.discard(event.device)
         self.outbox.publish(f"{self.prefix}/{event.device}/fault", fault_message(event), qos=1,
                             retain=True, droppable=False, journal=True)
         log.info("fault %s on %s (score %.2f, threshold %.2f)%s", event.state, event.device,
@@ -79,14 +96,29 @@ class Emitter:
                  "".join(f" {c['channel']}={c['reading']:.4g} (forecast {c['forecast']:.4g})"
                          for c in event.top_channels))
 
-    def _announce(self, out: Output) -> None:
-        device = out.device
+    def announce_due(self) -> None:
+        """Announce the devices whose turn it is (``homeassistant.announce_per_s``)."""
+        for device in self.announcements.due(time.monotonic()):
+            self._announce(device)
+
+    def withdraw(self, device: str) -> None:
+        """Delete ``device``'s retained discovery configs and fault state (an empty retained
+        message deletes one); it is announced again if it sends again."""
+        ha_prefix = self.config.homeassistant.prefix
+        topics = [topic for topic, _ in discovery_messages(device, self.prefix, ha_prefix, scores=True)]
+        for topic in [*topics, f"{self.prefix}/{device}/fault"]:
+            self.outbox.publish(topic, b"", qos=1, retain=True, droppable=False)
+        self.announcements.forget(device)
+        self.announcements.save()
+        self._raised.discard(device)
+
+    def _announce(self, device: str) -> None:
         for topic, payload in discovery_messages(
                 device, self.prefix, self.config.homeassistant.prefix,
                 scores=self.config.output.forecasts, model=Path(self.config.model).name,
                 status_topic=self.status_topic):
             self.outbox.publish(topic, payload, qos=1, retain=True, droppable=False)
-        if not out.fault_active and out.event is None:  # else the retained state is a real event
+        if device not in self._raised:  # else the retained state is a real event: keep it
             self.outbox.publish(f"{self.prefix}/{device}/fault", initial_fault_state(device), qos=1,
                                 retain=True, droppable=False)
         self.counters["discovery_announced"] += 1

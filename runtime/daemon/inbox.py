@@ -17,6 +17,7 @@ the broker keeps the rest until the engine catches up.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -72,7 +73,30 @@ class OtherPartitionItem(NamedTuple):
     qos: int
 
 
-InboxItem = ReadingItem | ChannelItem | RejectItem | OtherPartitionItem
+class ForgetItem(NamedTuple):
+    """``{prefix}/command/forget`` (``commands.enabled``): withdraw ``device``."""
+
+    device: str
+
+
+InboxItem = ReadingItem | ChannelItem | RejectItem | OtherPartitionItem | ForgetItem
+
+MAX_DEVICE_ID = 256  # characters of a device id in a forget command
+
+
+def device_id(payload: bytes | bytearray) -> str | None:
+    """The device id a forget command names (one topic level), or None.
+
+    >>> device_id(b" pump-7 "), device_id(b"a/b"), device_id(b"#"), device_id(b"")
+    ('pump-7', None, None, None)
+    """
+    try:
+        text = payload[:4 * MAX_DEVICE_ID + 1].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not 0 < len(text) <= MAX_DEVICE_ID or any(c in text for c in "/+#\0"):
+        return None
+    return text
 
 
 class Inbox:
@@ -85,6 +109,7 @@ class Inbox:
         self.partitions, self.partition = config.input.partitions, config.input.partition
         self.command_topic = command_topic
         self.on_command = on_command
+        self.forget_topic = f"{config.output.prefix}/command/forget" if config.commands.enabled else None
         self.items: deque[InboxItem] = deque()
         self.wakeup = threading.Event()
         self.counters: Counter = Counter()  # counted on the network thread only
@@ -110,6 +135,9 @@ class Inbox:
                 self.counters["reload_commands"] += 1
                 self.on_command()
                 return
+            if topic == self.forget_topic:
+                self._forget(message.payload)
+                return
             self.counters["received"] += 1
             found = self.topics.match(topic) if topic else None
             item: InboxItem
@@ -122,7 +150,8 @@ class Inbox:
                 try:
                     if channel is None:
                         features = self.features
-                        ts, values = parse_reading(message.payload, features, time.time(), self.max_bytes)
+                        # No ts: NaN, placed in the device's clock by the engine thread (.clock).
+                        ts, values = parse_reading(message.payload, features, math.nan, self.max_bytes)
                         item = ReadingItem(device, ts, values, features, mid, qos, time.monotonic())
                     else:
                         ts, value = parse_value(message.payload, time.time(), self.max_bytes)
@@ -139,6 +168,17 @@ class Inbox:
         except Exception:  # a bug here must not kill paho's network thread
             self.counters["callback_errors"] += 1
             log.exception("error in on_message")
+
+    def _forget(self, payload: bytes | bytearray) -> None:
+        device = device_id(payload)
+        if device is None:
+            self.counters["commands_rejected"] += 1
+            log.warning("forget command rejected: the payload must be one device id (at most %d "
+                        "characters, no '/', '+' or '#')", MAX_DEVICE_ID)
+            return
+        self.counters["forget_commands"] += 1
+        self.items.append(ForgetItem(device))
+        self.wakeup.set()
 
     def _log_bad(self, topic: str, exc: PayloadError) -> None:
         now = time.monotonic()

@@ -19,6 +19,7 @@ from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.frames import Frame, FrameAssembler
 from faultwatch.runtime.daemon.inbox import (
     ChannelItem,
+    ForgetItem,
     InboxItem,
     OtherPartitionItem,
     ReadingItem,
@@ -58,6 +59,7 @@ class Collected:
     readings: list[Reading] = field(default_factory=list)
     acks: list[int] = field(default_factory=list)  # mids of the QoS 1 messages these readings came in
     received: list[float] = field(default_factory=list)  # time.monotonic() each reading arrived
+    forget: list[str] = field(default_factory=list)  # devices withdrawn by a forget command
 
     def add_frame(self, frame: Frame) -> None:
         self.readings.append(Reading(frame.device, frame.ts, frame.values))
@@ -123,6 +125,8 @@ class Intake:
                 self.counters[REJECTED + item.reason] += 1
                 if item.qos:
                     acks.append(item.mid)
+            elif type(item) is ForgetItem:
+                out.forget.append(item.device)
         for frame in frames.expire(time.monotonic()):
             add_frame(frame)
         return out

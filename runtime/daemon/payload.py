@@ -218,6 +218,7 @@ def forecast_message(out: Output, targets: Sequence[str], threshold: float) -> b
 
 
 def fault_message(event: FaultEvent) -> bytes:
+    reason = {"reason": event.reason} if event.reason else {}  # "evicted": not cleared by calm readings
     return json.dumps({
         "device": event.device,
         "state": event.state,
@@ -226,4 +227,4 @@ def fault_message(event: FaultEvent) -> bytes:
         "peak_score": round(event.peak_score, 6),
         "threshold": round(event.threshold, 6),
         "top_channels": list(event.top_channels),
-    }).encode()
+    } | reason).encode()

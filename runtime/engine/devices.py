@@ -54,13 +54,19 @@ class DeviceTable:
         self.slots[device] = slot
         return slot, True, evicted
 
-    def lookup_many(self, devices: Iterable[str]) -> tuple[list[int], list[tuple[int, str]], int]:
-        """(slot of each device, the new devices as (slot, id), how many were evicted), in one pass.
+    def lookup_many(self, devices: Iterable[str]
+                    ) -> tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]:
+        """(slot of each device, the new devices as (slot, id), the evicted ones as (slot they
+        held, id)), in one pass. An evicted device's slot is a new device's: read what the
+        evicted one left there before the new one is initialized.
 
         A call must hold at most ``max_devices`` distinct devices, or a new one would evict
         one looked up earlier in the same call.
         """
-        known, slots, new, evicted = self.slots, [], [], 0
+        known = self.slots
+        slots: list[int] = []
+        new: list[tuple[int, str]] = []
+        evicted: list[tuple[int, str]] = []
         for device in devices:
             slot = known.get(device)
             if slot is not None:
@@ -68,7 +74,8 @@ class DeviceTable:
             else:
                 slot, _, gone = self.lookup(device)
                 new.append((slot, device))
-                evicted += gone is not None
+                if gone is not None:
+                    evicted.append((slot, gone))
             slots.append(slot)
         return slots, new, evicted
 

@@ -65,6 +65,8 @@ class Engine:
             dict.fromkeys(("steps", "readings", "out_of_order", "imputed_values"), 0))
         self.table = DeviceTable(self.settings.max_devices)
         self.device_of_slot: dict[int, str] = {}
+        # `cleared` events of devices evicted with a fault raised; the caller takes them
+        self.evicted_events: list[FaultEvent] = []
         self.stepper = BatchStep(model, self.settings, self.counters)
 
     # What belongs to the current model (a hot reload replaces the stepper).
@@ -120,13 +122,49 @@ class Engine:
         """The slots of ``devices``, now the most recently seen; new devices start from the initial values."""
         slots, new, evicted = self.table.lookup_many(devices)
         if evicted:
-            self.counters["devices_evicted"] += evicted
+            self.counters["devices_evicted"] += len(evicted)
+            for slot, gone in evicted:
+                self._clear_evicted(slot, gone)
         if new:
             new_slots = [slot for slot, _ in new]
             self.per_device.grow(max(new_slots) + 1)
             self.per_device.initialize(new_slots)
             self.device_of_slot.update(new)
         return slots
+
+    def _clear_evicted(self, slot: int, device: str) -> None:
+        """``device`` lost ``slot`` to a new device: with a fault raised, its retained fault topic
+        would say "raised" for ever, so it is cleared, saying why (read before the slot is reused)."""
+        if self.per_device["fault_active"][slot]:
+            self.counters["faults_cleared"] += 1
+            self.evicted_events.append(FaultEvent(
+                device, "cleared", float(self.per_device["last_ts"][slot]),
+                float(self.per_device["fault_start"][slot]),
+                float(self.per_device["fault_peak"][slot]), float(self.threshold), reason="evicted"))
+
+    def last_ts(self, device: str) -> float:
+        """The ts of the last reading stepped for ``device``; -inf for a device it doesn't hold."""
+        slot = self.table.slots.get(device)
+        return -np.inf if slot is None else float(self.per_device["last_ts"][slot])
+
+    def restart(self, device: str) -> None:
+        """``device`` starts over (its clock was set back): state and warm-up, and any ts is newer.
+        A raised fault stays raised and clears as usual."""
+        slot = self.table.slots.get(device)
+        if slot is not None:
+            self.per_device.reset(slot)
+            self.per_device["last_ts"][slot] = -np.inf
+            self.counters["clock_restarts"] += 1
+
+    def forget(self, device: str) -> bool:
+        """Drop ``device`` and its state (withdrawn by its operator); False if it was not held."""
+        slot = self.table.slots.pop(device, None)
+        if slot is None:
+            return False
+        self.table.free.append(slot)
+        self.device_of_slot.pop(slot, None)
+        self.per_device.initialize(slot)
+        return True
 
     # -- snapshots -------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ class FaultEvent:
     # The channels that drove the score at the raising reading, largest first:
     # {"channel", "reading", "forecast", "share"} with share = that channel's part of the score.
     top_channels: tuple[dict, ...] = ()
+    reason: str = ""  # why a fault was cleared other than by calm readings: "evicted"
 
 
 class Output(NamedTuple):

@@ -26,8 +26,12 @@ from faultwatch.runtime.daemon.config import Config
 from faultwatch.runtime.daemon.mqtt.transport import make_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 log = logging.getLogger("faultwatch")
+
+SESSION_TAKEN_OVER = 142  # MQTT v5 DISCONNECT reason code (Mosquitto 2.0.11 just closes the socket)
+QUICK_DROP_S = 10.0  # a connection closed sooner than this after connecting backs the next attempt off
 
 
 def connect_failure(exc: BaseException | None) -> str:
@@ -63,6 +67,8 @@ class Connection:
         self.connected = threading.Event()
         self.stopping = False
         self._last_fail_log = 0.0
+        self._quick_drops = 0  # connections in a row closed soon after connecting (a session takeover?)
+        self._connected_at = -float("inf")
         b = config.broker
         client = make_client(b.client, b.client_id)
         if b.username:
@@ -122,10 +128,16 @@ class Connection:
         if flags.session_present:
             self.resumed_at = time.monotonic()
         self.connected.set()
+        self._connected_at = time.monotonic()
         log.info("connected to %s:%d (session present: %s)", b.host, b.port, flags.session_present)
         # `online` waits for the SUBACK (_on_subscribe): a publisher that starts sending when it
         # sees `online` must not hit the window before a first-ever subscription exists.
-        _, self._subscribe_mid = client.subscribe(self.subscriptions)
+        # Retain handling 2: retained messages are never sent at a subscribe. A retained reading
+        # or command would otherwise come again at every reconnect (each renews the
+        # subscriptions); messages published while we are subscribed still come, retained or not.
+        _, self._subscribe_mid = client.subscribe(
+            [(topic, SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+             for topic, qos in self.subscriptions])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._subscribe_mid:
@@ -151,6 +163,36 @@ class Connection:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        if not self.stopping:
-            self.counters["disconnects"] += 1
+        lasted = time.monotonic() - self._connected_at
+        self._connected_at = -float("inf")
+        if self.stopping:
+            return
+        self.counters["disconnects"] += 1
+        b = self.config.broker
+        taken_over = getattr(reason_code, "value", None) == SESSION_TAKEN_OVER
+        if not taken_over and lasted >= QUICK_DROP_S:
+            if self._quick_drops:
+                self._quick_drops = 0
+                client.reconnect_delay_set(min_delay=b.reconnect_min_s, max_delay=b.reconnect_max_s)
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
+            return
+        # Closed soon after connecting, or told so: another client took our session. Two daemons
+        # with one client_id take it from each other at once, a storm of reconnections; back
+        # off instead, doubling the wait at each one in a row.
+        self._quick_drops += 1
+        delay = min(b.reconnect_max_s, b.reconnect_min_s * 2.0 ** self._quick_drops)
+        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, b.reconnect_max_s))
+        if taken_over:
+            why = "session taken over by another client (reason code 142)"
+        elif self._quick_drops >= 2:
+            why = (f"connection closed by the broker {self._quick_drops} times in a row, each within "
+                   f"{QUICK_DROP_S:g} s of connecting: most likely a session takeover (MQTT reason code "
+                   f"142, which this broker does not send)")
+        else:
+            log.warning("disconnected from broker (%s) %.1f s after connecting; reconnecting in %.1f s",
+                        reason_code, lasted, delay)
+            return
+        self.counters["session_takeovers"] += 1
+        log.error("%s: two daemons (or another client) use broker.client_id %r and take the session "
+                  "from each other; give each daemon its own broker.client_id. Reconnecting in %.1f s",
+                  why, b.client_id, delay)

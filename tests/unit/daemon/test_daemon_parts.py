@@ -16,7 +16,7 @@ import pytest
 from daemon_harness import renamed_feature_model
 from faultwatch.runtime.cli import main as cli_main
 from faultwatch.runtime.daemon import config as cfg
-from faultwatch.runtime.daemon.discovery import Announced, discovery_messages, initial_fault_state, object_id
+from faultwatch.runtime.daemon.discovery import discovery_messages, initial_fault_state, object_id
 from faultwatch.runtime.daemon.frames import FrameAssembler
 from faultwatch.runtime.daemon.metrics import Histogram, family
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
@@ -390,9 +390,6 @@ def test_discovery_messages_describe_both_entities():
     assert {json.loads(b)["unique_id"] for b in other.values()}.isdisjoint(
         json.loads(b)["unique_id"] for b in messages.values())
     assert json.loads(initial_fault_state("pump-7"))["state"] == "ok"
-    announced = Announced(max_devices=10)
-    assert [announced.new(f"d{i % 15}") for i in range(15)] == [True] * 15
-    assert len(announced) == 10 and announced.new("d14") is False
 
 
 def test_metrics_text_format():
