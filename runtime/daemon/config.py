@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from faultwatch.runtime.daemon.topics import TopicError, TopicMatcher
+from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
 
 class ConfigError(ValueError):
@@ -76,13 +77,9 @@ class EngineConfig:
     max_batch: int = 1024
     max_latency_ms: float = 5.0  # how long the engine waits to fill a batch
     threads: int = 1  # onnxruntime intra-op threads
-    threshold: float = 0.0  # 0 = the model's calibrated threshold
-    warmup: int = -1  # -1 = the model's
-    raise_k: int = 3
-    window_n: int = 5
-    clear_m: int = 30
-    clear_ratio: float = 0.8
-    max_gap_periods: float = 60.0
+    # [engine.detector]: overrides of single fields of the detector the model carries
+    # (faultwatch.runtime.engine.detector.DetectorSettings); empty = run the model's own.
+    detector: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -156,13 +153,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "engine.max_batch": (1, 65_536),
     "engine.max_latency_ms": (0, 10_000),
     "engine.threads": (1, 64),
-    "engine.threshold": (0, 1e9),
-    "engine.warmup": (-1, 1_000_000),
-    "engine.raise_k": (1, 62),
-    "engine.window_n": (1, 62),
-    "engine.clear_m": (1, 1_000_000),
-    "engine.clear_ratio": (0.01, 1),
-    "engine.max_gap_periods": (1, 1e9),
     "metrics.per_device_max": (0, 10_000),
     "reload.min_interval_s": (0, 3600),
 }
@@ -223,8 +213,10 @@ def validate(config: Config) -> Config:
     _topic_level_prefix(config.homeassistant.prefix, "homeassistant.prefix")
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
-    if config.engine.raise_k > config.engine.window_n:
-        raise ConfigError("engine.raise_k must be <= engine.window_n")
+    try:  # names, types and ranges; the model's own settings are only known once it is loaded
+        DetectorSettings().with_overrides(config.engine.detector)
+    except DetectorSettingsError as exc:
+        raise ConfigError(f"engine.{exc}") from None
     if config.input.partition >= config.input.partitions:
         raise ConfigError(f"input.partition = {config.input.partition} must be below "
                           f"input.partitions = {config.input.partitions} (partitions are numbered from 0)")

@@ -17,8 +17,10 @@ The step graph runs ``T`` time steps for ``B`` devices at once::
 
 Metadata (ONNX ``metadata_props``, all values are strings, JSON where
 structured) carries everything else the runtime needs: the feature names,
-the scaler, the residual spread per target, the threshold calibration and
-the provenance of the model.
+the scaler, the residual spread per target, the threshold calibration, the
+detector's decision settings (:class:`DetectorSettings`: a file without them
+gets the settings the runtime used before they were stored) and the
+provenance of the model.
 
 Compatibility: a reader ignores keys it does not know and gives fields that a
 file lacks their defaults, so optional fields (like ``architecture``) can be
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
 #: Bumped when a change would make an older runtime misread a newer model.
 CONTRACT_VERSION = 1
@@ -139,6 +142,16 @@ class ModelContract:
     #: Descriptive only (the runtime needs none of it): peephole, dense width, parameters per layer...
     architecture: dict[str, Any] = field(default_factory=dict)
     version: int = CONTRACT_VERSION
+    #: Every decision the runtime makes from the score (None: the legacy settings of the calibration).
+    detector: DetectorSettings | None = None
+
+    @property
+    def decisions(self) -> DetectorSettings:
+        """The detector settings this model runs with (the legacy ones for an older file)."""
+        if self.detector is not None:
+            return self.detector
+        c = self.calibration
+        return DetectorSettings.legacy(c.score_span, c.warmup, c.quantile, c.factor)
 
     @property
     def has_cell_state(self) -> bool:
@@ -210,7 +223,11 @@ class ModelContract:
                 provenance=dict(raw.get("provenance", {})),
                 architecture=dict(raw.get("architecture", {})),
                 version=version,
+                detector=(DetectorSettings.from_dict(raw["detector"])
+                          if isinstance(raw.get("detector"), dict) else None),
             )
+        except DetectorSettingsError as exc:
+            raise ContractError(f"{METADATA_KEY}: {exc}") from None
         except (KeyError, TypeError) as exc:
             raise ContractError(f"{METADATA_KEY} is missing or has a malformed field: {exc}") from None
         contract.validate()
@@ -232,3 +249,6 @@ class ModelContract:
             raise ContractError(f"scaler has the wrong width for {n} features")
         if len(self.calibration.residual_std) != len(self.targets):
             raise ContractError("calibration.residual_std must have one entry per target")
+        if self.detector is not None and self.detector.score_span != self.calibration.score_span:
+            raise ContractError(f"detector.score_span {self.detector.score_span} differs from the "
+                                f"span the calibration was measured at ({self.calibration.score_span})")

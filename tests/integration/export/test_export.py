@@ -236,7 +236,8 @@ def test_contract_has_the_features_scaler_and_calibration_of_the_run(trained: Tr
     assert contract.scaler == prepared.scaler
 
     cal = contract.calibration
-    options = ExportOptions()
+    options = ExportOptions().detector
+    assert contract.detector == options  # the file carries its detector
     assert len(cal.residual_std) == len(contract.targets)
     assert all(np.isfinite(cal.residual_std)) and min(cal.residual_std) > 0
     assert np.isfinite(cal.threshold) and cal.threshold > 0

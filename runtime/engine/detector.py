@@ -1,0 +1,167 @@
+"""Every decision parameter of the detector, in one frozen dataclass the model file carries.
+
+Export writes a :class:`DetectorSettings` into the ONNX metadata beside the
+calibration (``faultwatch.runtime.engine.contract``); ``run``, ``replay`` and
+``eval`` all build their engine from it, so the numbers ``eval`` prints are the
+numbers the daemon produces. A daemon config may override single fields
+(``[engine.detector]``), checked here by :meth:`DetectorSettings.with_overrides`.
+
+What each group decides (a reading goes through them in this order):
+
+- **clipping**: a reading is clipped, in scaled units, to ``[-clip_k, 1 + clip_k]``
+  (the training range is [0, 1] for the minmax scaler) before it is scored and
+  stepped. int8 models quantize their activations per call over the whole
+  batch, so one wild value (1e11) would coarsen every other device's forecast
+  in the same call; clipped, it still scores far above any threshold.
+- **score**: each channel's error over its normal spread, smoothed by an EWMA
+  of ``score_span`` readings, combined as an RMS (``Scorer``); ``warmup``
+  readings after a reset are never anomalous.
+- **threshold**: ``static`` = ``factor`` × the ``quantile`` of normal scores at
+  calibration (or ``threshold`` when given); ``dynamic`` = telemanom's
+  nonparametric threshold per device (``dynamic`` settings), never below the
+  static one.
+- **raise/clear**: raised when ``raise_k`` of the last ``window_n`` readings are
+  anomalous, cleared after ``clear_m`` calm readings in a row (score below
+  ``clear_ratio`` × threshold).
+- **gaps and restarts**: a silence longer than ``max_gap_periods`` sample
+  periods resets the device (with ``warmup``); a shorter one is bridged with
+  the model's own forecasts. After a bridge or a resume from a snapshot the
+  LSTM state has not seen real readings for a while: the next ``rewarm``
+  readings step the model but are not scored, so the model's own catching-up
+  error is never taken for a fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from faultwatch.runtime.engine.thresholds import DynamicThresholdSettings
+
+POLICIES = ("static", "dynamic")
+
+
+class DetectorSettingsError(ValueError):
+    """A detector setting is unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    score_span: int = 5  # EWMA span of each channel's normalised error
+    warmup: int = 30  # scored readings after a reset that never count as anomalous
+    quantile: float = 0.995  # static threshold = factor × this quantile of normal scores
+    factor: float = 1.5
+    threshold: float | None = None  # a fixed static threshold instead (None: the calibrated one)
+    policy: str = "static"  # "static" or "dynamic" (telemanom's, per device)
+    dynamic: DynamicThresholdSettings = field(default_factory=DynamicThresholdSettings)
+    raise_k: int = 3  # raised when raise_k of the last window_n readings are anomalous
+    window_n: int = 5
+    clear_m: int = 20  # cleared after clear_m calm readings in a row,
+    clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold
+    max_gap_periods: float = 60.0  # a longer silence (sample periods) resets the device's state
+    rewarm: int = 10  # readings not scored after a bridged gap or a resume from a snapshot
+    clip_k: float = 1.0  # scaled readings are clipped to [-clip_k, 1 + clip_k]
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.score_span >= 1, "score_span must be >= 1"),
+            (self.warmup >= 0 and self.rewarm >= 0, "warmup and rewarm must be >= 0"),
+            (0 < self.quantile < 1 and self.factor > 0, "need 0 < quantile < 1 and factor > 0"),
+            (self.threshold is None or self.threshold > 0, "threshold must be > 0 when given"),
+            (self.policy in POLICIES, f"policy must be one of {', '.join(POLICIES)}"),
+            (1 <= self.raise_k <= self.window_n <= 62, "need 1 <= raise_k <= window_n <= 62"),
+            (self.clear_m >= 1, "clear_m must be >= 1"),
+            (0 < self.clear_ratio <= 1, "clear_ratio must be in (0, 1]"),
+            (self.max_gap_periods >= 1, "max_gap_periods must be >= 1"),
+            (self.clip_k > 0, "clip_k must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DetectorSettingsError(f"detector: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DetectorSettings:
+        """The inverse of :meth:`to_dict`; unknown keys are ignored (a newer writer), missing
+        ones take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names}
+        if "dynamic" in values:
+            dyn_names = {f.name for f in dataclasses.fields(DynamicThresholdSettings)}
+            values["dynamic"] = DynamicThresholdSettings(
+                **{k: v for k, v in dict(values["dynamic"]).items() if k in dyn_names})
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise DetectorSettingsError(f"detector: {exc}") from None
+
+    @classmethod
+    def legacy(cls, score_span: int, warmup: int, quantile: float, factor: float) -> DetectorSettings:
+        """What a model exported before the detector was stored gets: the span, warm-up and
+        threshold rule of its calibration, every other decision as the runtime made it then."""
+        return cls(score_span=score_span, warmup=warmup, quantile=quantile, factor=factor,
+                   rewarm=0, clip_k=1e9)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> DetectorSettings:
+        """These settings with the given fields replaced (a config's ``[engine.detector]``).
+
+        Unknown names, wrong types and out-of-range values raise
+        :class:`DetectorSettingsError`. ``score_span`` cannot be overridden: the
+        calibrated spread and threshold were measured at it.
+        """
+        if not overrides:
+            return self
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = [k for k in overrides if k not in fields]
+        if unknown:
+            raise DetectorSettingsError(f"detector: unknown setting {unknown[0]!r} "
+                                        f"(known: {', '.join(fields)})")
+        if "score_span" in overrides:
+            raise DetectorSettingsError("detector.score_span is part of the model's calibration: "
+                                        "re-export with --span instead")
+        values = dict(overrides)
+        if "dynamic" in values:
+            if not isinstance(values["dynamic"], dict):
+                raise DetectorSettingsError("detector.dynamic must be a table")
+            try:
+                values["dynamic"] = replace(self.dynamic, **values["dynamic"])
+            except (TypeError, ValueError) as exc:
+                raise DetectorSettingsError(f"detector.dynamic: {exc}") from None
+        for name, value in values.items():
+            if name == "dynamic":
+                continue
+            default = getattr(self, name)
+            if isinstance(default, bool) or isinstance(value, bool):
+                ok = False
+            elif isinstance(default, int) and name != "threshold":
+                ok = isinstance(value, int)
+            elif isinstance(default, str):
+                ok = isinstance(value, str)
+            else:  # floats (and threshold, None by default)
+                ok = isinstance(value, int | float)
+                values[name] = float(value) if ok else value
+            if not ok:
+                raise DetectorSettingsError(f"detector.{name} has the wrong type: {value!r}")
+        try:
+            return replace(self, **values)
+        except TypeError as exc:
+            raise DetectorSettingsError(f"detector: {exc}") from None
+
+    def describe(self) -> list[str]:
+        """Lines for ``faultwatch inspect``."""
+        static = (f"static {self.threshold:g}" if self.threshold is not None
+                  else f"static q{self.quantile:g} × {self.factor:g} of normal scores")
+        threshold = static if self.policy == "static" else f"{self.dynamic.describe()}; floor {static}"
+        return [
+            f"score: per-channel EWMA span {self.score_span}, RMS over channels (~1 when normal); "
+            f"warm-up {self.warmup} readings",
+            f"threshold: {threshold}",
+            f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
+            f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold)",
+            f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; {self.rewarm} "
+            f"readings not scored after a bridge or a resume; inputs clipped to "
+            f"[{-self.clip_k:g}, {1 + self.clip_k:g}] scaled",
+        ]
