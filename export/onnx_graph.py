@@ -194,7 +194,12 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        # reduce_range: 7-bit weights. On x86 CPUs without VNNI (AVX2 only, as on many edge
+        # boxes and this project's CI) onnxruntime's u8×s8 kernel adds pairs of products in
+        # int16 (VPMADDUBSW), which saturates with full-range weights: int8 forecasts then
+        # drift from fp32 by several times export's parity tolerance, and batched calls stop
+        # matching single ones. The model must be right on every CPU it may be copied to.
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, reduce_range=True)
         quantized = onnx.load(dst)
     if "LSTM" in op_types(proto) and ("LSTM" in op_types(quantized)
                                       or "DynamicQuantizeLSTM" not in op_types(quantized)):
@@ -226,6 +231,7 @@ def quantize_int8_static(proto: onnx.ModelProto, calibration: list[dict[str, np.
         # 8-bit readings there would cost 1/255 of the range on every forecast.
         quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        reduce_range=True,  # 7-bit weights: no int16 saturation on non-VNNI CPUs
                         extra_options={"CalibTensorRangeSymmetric": False})
         quantized = onnx.load(dst)
     if "QuantizeLinear" not in op_types(quantized):
