@@ -266,11 +266,13 @@ def load_windows(path: Path) -> dict[str, list[tuple[float, float]]]:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise EvalError(f"{path}: cannot read windows: {exc}") from None
+    def epoch(text: str) -> float:
+        return float(np.datetime64(text.strip().replace(" ", "T"), "ms").astype(np.int64)) / 1000.0
+
     out = {}
     for key, windows in raw.items():
         try:
-            pairs = [tuple(float(np.datetime64(w.strip().replace(" ", "T"), "ms").astype(np.int64)) / 1000.0
-                           for w in window) for window in windows]
+            pairs = [(epoch(start), epoch(end)) for start, end in windows]
         except (ValueError, AttributeError, TypeError):
             raise EvalError(f"{path}: unreadable window timestamps for {key!r}") from None
         out[Path(key).name] = pairs
