@@ -13,6 +13,11 @@ calibrated and parity-checked by export itself.
 ``int8_model``      ``model-int8.onnx``
 ``export_reports``  ``{"none": report, "int8": report}`` as returned by ``export_model``
 
+``tiny_model``      a :class:`~faultwatch.runtime.engine.model.StepModel` of the committed
+                    tests/data/tiny-int8.onnx (hidden (8, 4), made by tests/data/make_tiny_models.py):
+                    a really trained model that needs no torch, for ``make unit``
+``tiny_fp32_model`` the same model exported as fp32 (tests/data/tiny-fp32.onnx)
+
 The model is small on purpose (hidden (16, 8), dense 8) and trained for a few
 epochs with a larger learning rate and shorter chunks than the defaults, so
 that it gets past the untrained head's bias in about a second on two shared
@@ -58,6 +63,24 @@ class TrainedModels:
 
     def report(self, quantize: str) -> dict:
         return {"none": self.fp32_report, "int8": self.int8_report}[quantize]
+
+
+TINY_MODELS = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The committed tiny int8 model, loaded with onnxruntime only (no torch, no training)."""
+    from faultwatch.runtime.engine.model import StepModel
+
+    return StepModel(TINY_MODELS / "tiny-int8.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_model():
+    from faultwatch.runtime.engine.model import StepModel
+
+    return StepModel(TINY_MODELS / "tiny-fp32.onnx")
 
 
 @pytest.fixture

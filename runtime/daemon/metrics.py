@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
+from faultwatch.runtime.engine.model import ModelStep
 
 log = logging.getLogger("faultwatch")
 
@@ -107,9 +108,10 @@ class Histogram:
 
 
 class TimedModel:
-    """A StepModel that records each step's batch size and latency; everything else passes through."""
+    """A :class:`ModelStep` that records each step's batch size and latency; everything else
+    (contract, state widths, ...) passes through to the wrapped model."""
 
-    def __init__(self, model, step_seconds: Histogram, batch_size: Histogram):
+    def __init__(self, model: ModelStep, step_seconds: Histogram, batch_size: Histogram):
         self._model = model
         self._step_seconds = step_seconds
         self._batch_size = batch_size
@@ -117,7 +119,7 @@ class TimedModel:
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
-    def step(self, x, state):
+    def step(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         start = time.perf_counter()
         out = self._model.step(x, state)
         self._step_seconds.observe_one(time.perf_counter() - start)

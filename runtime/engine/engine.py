@@ -10,49 +10,22 @@ device never share a call: the second needs the state the first produces.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from faultwatch.runtime.engine.model import StepModel
+from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
+from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
+from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold, DynamicThresholdSettings
 
 
-@dataclass(frozen=True)
-class Reading:
-    """One sample of one device: ``values`` [F] in raw units, in the model's feature order; NaN = missing."""
-
-    device: str
-    ts: float  # epoch seconds
-    values: np.ndarray
-
-
-@dataclass(frozen=True)
-class FaultEvent:
-    device: str
-    state: str  # "raised" or "cleared"
-    ts: float  # when it was raised or cleared
-    started_ts: float
-    peak_score: float
-    threshold: float
-    # The channels that drove the score at the raising reading, largest first:
-    # {"channel", "reading", "forecast", "share"} with share = that channel's part of the score.
-    top_channels: tuple[dict, ...] = ()
-
-
-@dataclass(frozen=True)
-class Output:
-    device: str
-    ts: float
-    forecast: np.ndarray  # [K] raw units: the forecast of this device's next reading
-    score: float  # smoothed anomaly score (0 while there is no earlier forecast to compare)
-    anomalous: bool  # score above threshold, outside warm-up
-    fault_active: bool
-    event: FaultEvent | None = None
-    imputed: tuple[str, ...] = ()  # channels that were missing and filled from the forecast
-    threshold: float = float("nan")  # what the score was compared with (per device when dynamic)
+def _all(flags: np.ndarray) -> bool:
+    """``flags.all()`` for the checks every call makes: count_nonzero costs a fifth of it on a few rows
+    (``.all()`` and ``.any()`` go through Python wrappers; at batch 1 they were 15 % of the engine)."""
+    return np.count_nonzero(flags) == flags.size
 
 
 @dataclass(frozen=True)
@@ -78,39 +51,23 @@ class EngineSettings:
             raise ValueError(f"max_gap_periods must be >= 1, got {self.max_gap_periods}")
 
 
-@dataclass
-class DeviceTable:
-    """Device id → slot, least recently seen first; bounded, so unknown IDs can't exhaust memory."""
-
-    max_devices: int
-    slots: OrderedDict = field(default_factory=OrderedDict)
-    free: list = field(default_factory=list)
-
-    def lookup(self, device: str) -> tuple[int, bool, str | None]:
-        """(slot, is_new, evicted device id or None)."""
-        slot = self.slots.get(device)
-        if slot is not None:
-            self.slots.move_to_end(device)
-            return slot, False, None
-        evicted = None
-        if self.free:
-            slot = self.free.pop()
-        elif len(self.slots) < self.max_devices:
-            slot = len(self.slots)
-        else:
-            evicted, slot = self.slots.popitem(last=False)
-        self.slots[device] = slot
-        return slot, True, evicted
-
-
 class Engine:
-    """Streams readings of many devices through one :class:`StepModel`."""
+    """Streams readings of many devices through one :class:`ModelStep`."""
 
-    def __init__(self, model: StepModel, settings: EngineSettings | None = None):
-        self.model = model
+    def __init__(self, model: ModelStep, settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
+        # The counters every step touches exist from the start (at 0), so stats list them at once;
+        # the hot path adds to the others only when there is something to count.
+        self.counters: Counter = Counter(
+            dict.fromkeys(("steps", "readings", "out_of_order", "imputed_values"), 0))
+        self.table = DeviceTable(self.settings.max_devices)
+        self.device_of_slot: dict[int, str] = {}
+        self._use(model)
+
+    def _use(self, model: ModelStep) -> None:
+        """Take on ``model``: its constants, and fresh per-device arrays (capacity 0) declared for it."""
         c = model.contract
-        self.contract = c
+        self.model, self.contract = model, c
         self.threshold = (self.settings.threshold if self.settings.threshold is not None
                           else c.calibration.threshold)
         self.period_s = c.sample_period_s
@@ -119,66 +76,64 @@ class Engine:
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
         self.scale = np.asarray(c.scaler.scale)
-        self.counters: Counter = Counter()
-        self.table = DeviceTable(self.settings.max_devices)
-        self.capacity = 0
-        n_targets, n_features = len(c.targets), len(c.features)
-        self.state = [np.zeros((0, w), np.float32) for w in model.state_widths]  # [cap, H_i]
-        self.prev_forecast = np.zeros((0, n_targets), np.float32)  # scaled forecast of the next reading
-        self.last_scaled = np.zeros((0, n_features), np.float32)  # for imputing non-target features
-        self.has_prev = np.zeros(0, bool)
-        self.last_ts = np.zeros(0)
-        self.fault_start = np.zeros(0)
-        self.fault_peak = np.zeros(0)
-        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup, 0)
+        self.target_scale = self.scale[self.target_index]  # [K]: scaled forecast → raw units
+        self.target_offset = self.offset[self.target_index]
+        # The target columns of a [B, F] array: a view when the targets are all the features in
+        # order (the usual model), which spares a gather per call.
+        identity = tuple(c.target_index) == tuple(range(len(c.features)))
+        self.target_columns = slice(None) if identity else self.target_index
+        # A reading this long after the last one may need a reset or a bridge (_catch_up decides
+        # exactly); a little under 1.5 periods, the least that rounds to one skipped reading.
+        self._late_s = min(self.max_gap_s, 1.25 * c.sample_period_s if c.sample_period_s > 0 else np.inf)
+        per_device = SlotArrays(max_capacity=self.settings.max_devices)
+        # The recurrent state [cap, H_i] per layer (and cell/hidden part), zero at a reset.
+        self.state_names = [f"state_{i}" for i in range(len(model.state_widths))]
+        for name, width in zip(self.state_names, model.state_widths, strict=True):
+            per_device.declare(name, (width,), np.float32, on_reset=0.0)
+        # [cap, K] the scaled forecast of each device's next reading; valid where has_prev.
+        per_device.declare("prev_forecast", (len(c.targets),), np.float32)
+        # [cap, F] the last scaled reading, for imputing non-target features: mid-range at first.
+        per_device.declare("last_scaled", (len(c.features),), np.float32, initial=0.5)
+        per_device.declare("has_prev", dtype=bool, initial=False, on_reset=False)
+        # Kept across any reload: a redelivered reading is still recognised, an episode still clears.
+        per_device.declare("last_ts", initial=-np.inf, across_models=True)
+        per_device.declare("fault_start", across_models=True)
+        per_device.declare("fault_peak", across_models=True)
+        self.per_device = per_device
+        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup,
+                             per_device=per_device)
         self.detector = FaultDetector(self.settings.raise_k, self.settings.window_n,
-                                      self.settings.clear_m, 0)
+                                      self.settings.clear_m, per_device=per_device)
         dynamic = self.settings.dynamic_threshold
-        self.dynamic = None if dynamic is None else DynamicThreshold(dynamic, self.threshold, 0)
-        self.device_of_slot: dict[int, str] = {}
+        self.dynamic = (None if dynamic is None
+                        else DynamicThreshold(dynamic, self.threshold, per_device=per_device))
 
     # -- slots ---------------------------------------------------------------------------
 
-    def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        cap = min(max(needed, 2 * self.capacity, 16), self.settings.max_devices)
+    @property
+    def capacity(self) -> int:
+        return self.per_device.capacity
 
-        def pad(a: np.ndarray) -> np.ndarray:
-            return np.concatenate([a, np.zeros((cap - len(a), *a.shape[1:]), a.dtype)])
-
-        self.state = [pad(s) for s in self.state]
-        self.prev_forecast, self.last_scaled = pad(self.prev_forecast), pad(self.last_scaled)
-        self.has_prev, self.last_ts = pad(self.has_prev), pad(self.last_ts)
-        self.fault_start, self.fault_peak = pad(self.fault_start), pad(self.fault_peak)
-        self.scorer.grow(cap)
-        self.detector.grow(cap)
-        if self.dynamic is not None:
-            self.dynamic.grow(cap)
-        self.capacity = cap
+    @property
+    def state(self) -> list[np.ndarray]:
+        """The recurrent state arrays [cap, H_i], in the model's state order."""
+        return [self.per_device[name] for name in self.state_names]
 
     def reset(self, slots) -> None:
         """Zero the model state of these slots; the next readings warm up again."""
-        for s in self.state:
-            s[slots] = 0.0
-        self.has_prev[slots] = False
-        self.scorer.reset(slots)
-        self.detector.reset(slots)
-        if self.dynamic is not None:
-            self.dynamic.reset(slots)
+        self.per_device.reset(slots)
 
-    def _slot(self, device: str) -> int:
-        slot, is_new, evicted = self.table.lookup(device)
-        if evicted is not None:
-            self.counters["devices_evicted"] += 1
-        if is_new:
-            self._grow(slot + 1)
-            self.reset([slot])
-            self.detector.active[slot] = False
-            self.last_ts[slot] = -np.inf
-            self.last_scaled[slot] = 0.5  # mid-range until the first real value
-            self.device_of_slot[slot] = device
-        return slot
+    def _slots(self, devices: list[str]) -> list[int]:
+        """The slots of ``devices``, now the most recently seen; new devices start from the initial values."""
+        slots, new, evicted = self.table.lookup_many(devices)
+        if evicted:
+            self.counters["devices_evicted"] += evicted
+        if new:
+            new_slots = [slot for slot, _ in new]
+            self.per_device.grow(max(new_slots) + 1)
+            self.per_device.initialize(new_slots)
+            self.device_of_slot.update(new)
+        return slots
 
     @property
     def devices(self) -> list[str]:
@@ -186,26 +141,11 @@ class Engine:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def _per_slot(self) -> dict[str, np.ndarray]:
-        """Every per-device array, by name: what a snapshot must carry."""
-        arrays = {f"state_{i}": s for i, s in enumerate(self.state)}
-        return arrays | {
-            "prev_forecast": self.prev_forecast, "last_scaled": self.last_scaled,
-            "has_prev": self.has_prev, "last_ts": self.last_ts, "fault_start": self.fault_start,
-            "fault_peak": self.fault_peak, "score_smoothed": self.scorer.smoothed,
-            "score": self.scorer.score, "score_seen": self.scorer.seen,
-            "fault_history": self.detector.history,
-            "fault_normal_run": self.detector.normal_run, "fault_active": self.detector.active,
-        } | ({} if self.dynamic is None else {
-            "threshold_window": self.dynamic.buffer, "threshold_count": self.dynamic.count,
-            "threshold_value": self.dynamic.value,
-        })
-
     def export_state(self) -> dict[str, np.ndarray]:
         """All devices' state as plain arrays, rows in least-recently-seen-first order."""
         devices = list(self.table.slots)
         slots = np.array([self.table.slots[d] for d in devices], dtype=np.int64)
-        out = {name: a[slots] for name, a in self._per_slot().items()}
+        out = self.per_device.export(slots)
         out["devices"] = np.array(devices, dtype=str)
         return out
 
@@ -215,13 +155,9 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
-        current = self._per_slot()
-        for name, a in current.items():
-            if name not in saved or saved[name].shape[1:] != a.shape[1:] or len(saved[name]) != len(devices):
-                raise ValueError(f"snapshot array {name!r} does not fit this model")
-        slots = np.array([self._slot(d) for d in devices], dtype=np.int64)
-        for name, a in self._per_slot().items():  # _slot may have grown the arrays
-            a[slots] = saved[name]
+        self.per_device.check_fits(saved, len(devices))
+        slots = np.array(self._slots(devices), dtype=np.int64)
+        self.per_device.load(slots, saved)
         return len(devices)
 
     # -- hot reload ------------------------------------------------------------------------
@@ -232,7 +168,7 @@ class Engine:
         return (c.cell, tuple(c.hidden), tuple(c.features), tuple(c.targets)) == (
             contract.cell, tuple(contract.hidden), tuple(contract.features), tuple(contract.targets))
 
-    def swap_model(self, model: StepModel) -> bool:
+    def swap_model(self, model: ModelStep) -> bool:
         """Run ``model`` from the next reading on; True when the devices kept their state.
 
         Same cell, layer sizes, features and targets (a retrained model of the same shape):
@@ -242,29 +178,23 @@ class Engine:
         still recognised) and active faults (cleared as usual) are kept either way.
         """
         keep = self.same_shape(model.contract)
-        fresh = Engine(model, self.settings)
-        n = self.capacity
-        fresh._grow(n)
-        old, new = self._per_slot(), fresh._per_slot()
-        carried = set(old) if keep else {"last_ts", "fault_start", "fault_peak", "fault_normal_run",
-                                         "fault_active"}
-        for name in carried & set(new):
-            if old[name].shape[1:] == new[name].shape[1:]:
-                new[name][:n] = old[name][:n]
+        old, old_contract = self.per_device, self.contract
+        old_offset, old_scale, old_targets = self.offset, self.scale, self.target_index
+        n = old.capacity
+        self._use(model)
+        self.per_device.carry_from(old, n, keep)
         # Same raw values, in the new model's scaled units (channels matched by name).
-        raw = self.last_scaled[:n] * self.scale + self.offset  # [n, F_old]
-        fresh.last_scaled[:n] = 0.5
-        for j, name in enumerate(fresh.contract.features):
-            if name in self.contract.features:
-                i = self.contract.features.index(name)
-                fresh.last_scaled[:n, j] = (raw[:, i] - fresh.offset[j]) / fresh.scale[j]
+        raw = old["last_scaled"][:n] * old_scale + old_offset  # [n, F_old]
+        last_scaled = self.per_device["last_scaled"]
+        last_scaled[:n] = 0.5
+        for j, name in enumerate(self.contract.features):
+            if name in old_contract.features:
+                i = old_contract.features.index(name)
+                last_scaled[:n, j] = (raw[:, i] - self.offset[j]) / self.scale[j]
         if keep:
-            t_old, t_new = self.target_index, fresh.target_index
-            prev_raw = self.prev_forecast[:n] * self.scale[t_old] + self.offset[t_old]  # [n, K]
-            fresh.prev_forecast[:n] = (prev_raw - fresh.offset[t_new]) / fresh.scale[t_new]
-        for name, value in vars(fresh).items():
-            if name not in ("table", "counters", "device_of_slot"):
-                setattr(self, name, value)
+            t_new = self.target_index
+            prev_raw = old["prev_forecast"][:n] * old_scale[old_targets] + old_offset[old_targets]  # [n, K]
+            self.per_device["prev_forecast"][:n] = (prev_raw - self.offset[t_new]) / self.scale[t_new]
         self.counters["model_swaps"] += 1
         return keep
 
@@ -276,7 +206,14 @@ class Engine:
         Readings of one device must come in time order; an older or repeated
         timestamp is dropped as ``out_of_order``.
         """
-        outputs: list[Output | None] = [None] * len(readings)
+        n = len(readings)
+        # A call never holds more devices than the cap: a new device looked up later in
+        # the same call must not evict (and take the slot of) one already in it.
+        size = min(self.settings.max_batch, self.settings.max_devices)
+        devices = [r.device for r in readings]
+        if n <= size and len(set(devices)) == n:
+            return self._step(readings, devices) if n else []  # the usual call: one reading per device
+        outputs: list[Output | None] = [None] * n
         # Round r holds each device's r-th reading of this call.
         rounds: list[list[int]] = []
         seen: Counter = Counter()
@@ -287,29 +224,107 @@ class Engine:
                 rounds.append([])
             rounds[k].append(i)
         for members in rounds:
-            # A call never holds more devices than the cap: a new device looked up later in
-            # the same call must not evict (and take the slot of) one already in it.
-            size = min(self.settings.max_batch, self.settings.max_devices)
             for b in range(0, len(members), size):
                 chunk = members[b:b + size]
-                for i, out in zip(chunk, self._step([readings[i] for i in chunk]), strict=True):
+                step = self._step([readings[i] for i in chunk], [devices[i] for i in chunk])
+                for i, out in zip(chunk, step, strict=True):
                     outputs[i] = out
         return outputs
 
-    def _step(self, batch: list[Reading]) -> list[Output | None]:
-        """One onnxruntime call for readings of distinct devices."""
-        slots_all = np.array([self._slot(r.device) for r in batch])
-        ts_all = np.array([r.ts for r in batch], dtype=np.float64)
-        fresh = ts_all > self.last_ts[slots_all]
+    def _step(self, batch: Sequence[Reading], devices: list[str]) -> list[Output | None]:
+        """One onnxruntime call for readings of distinct ``devices`` (theirs, in order); a reading
+        not newer than its device's last one is dropped (None)."""
+        slots = np.array(self._slots(devices), dtype=np.intp)  # [B]
+        ts = np.array([r.ts for r in batch], dtype=np.float64)  # [B]
+        last = self.per_device["last_ts"][slots]
+        fresh = ts > last
+        if _all(fresh):
+            return list(self._step_fresh(batch, devices, slots, ts, last))
         self.counters["out_of_order"] += int((~fresh).sum())
-        results: list[Output | None] = [None] * len(batch)
         keep = np.flatnonzero(fresh)
-        if len(keep) == 0:
-            return results
-        slots, ts = slots_all[keep], ts_all[keep]
+        results: list[Output | None] = [None] * len(batch)
+        if len(keep):
+            outputs = self._step_fresh([batch[i] for i in keep], [devices[i] for i in keep],
+                                       slots[keep], ts[keep], last[keep])
+            for i, out in zip(keep, outputs, strict=True):
+                results[i] = out
+        return results
+
+    def _step_fresh(self, batch: Sequence[Reading], devices: list[str], slots: np.ndarray,
+                    ts: np.ndarray, last: np.ndarray) -> list[Output]:
+        """The engine step for readings newer than their devices' ``last`` [B] timestamps.
+
+        Bookkeeping is done in bulk: one numpy operation per array for the whole batch, the
+        rare cases (gaps, missing values, fault episodes) only when present.
+        """
+        pd = self.per_device.arrays
+        has_prev = pd["has_prev"][slots]
+        if np.count_nonzero(has_prev & (ts - last >= self._late_s)):  # rare: a gap to reset or bridge
+            self._catch_up(slots, ts, last)
+            has_prev = pd["has_prev"][slots]
+        raw = np.array([r.values for r in batch], dtype=np.float64)  # [B, F]
+        scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
+        finite = np.isfinite(raw)
+        missing = None if _all(finite) else ~finite
+        prev_forecast = pd["prev_forecast"][slots]  # [B, K]: what the model forecast for this reading
+        if missing is not None:
+            scaled = self._impute(scaled, missing, slots, has_prev, prev_forecast)
+
+        # Score this reading against the forecast made one step earlier.
+        residual = scaled[:, self.target_columns] - prev_forecast  # [B, K]
+        if missing is not None:
+            residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
+        elif not _all(has_prev):
+            residual[~has_prev] = np.nan
+        score, contrib, ready = self.scorer.update(slots, residual)
+        threshold = float(self.threshold) if self.dynamic is None else self.dynamic.current(slots)
+        anomalous = ready & (score > threshold)
+        calm = ready & (score < self.settings.clear_ratio * threshold)
+        change = self.detector.update(slots, anomalous, calm)
+        # The dynamic threshold learns only from readings it did not flag: a sustained fault must
+        # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
+        # 70 % when it learned everything, 25 % like this).
+        if self.dynamic is not None:
+            learn = ready & ~anomalous
+            if learn.any():
+                self.dynamic.push(slots[learn], score[learn])
+
+        forecast = self._advance(slots, scaled)  # [B, K] scaled
+        pd["last_ts"][slots] = ts
+        self.counters["steps"] += 1
+        self.counters["readings"] += len(slots)
+        active = self.detector.active[slots]
+        events: list[FaultEvent | None] = [None] * len(batch)
+        if np.count_nonzero(change) or np.count_nonzero(active):
+            # Peak score of the running episode; kept after a clear so the cleared event reports it.
+            peak = pd["fault_peak"][slots]
+            peak = np.where(active, np.maximum(peak, score), peak)
+            pd["fault_peak"][slots] = np.where(change > 0, score, peak)
+            for j in np.flatnonzero(change):
+                events[j] = self._event(int(slots[j]), ts[j], change[j], score[j],
+                                        threshold if self.dynamic is None else threshold[j],
+                                        contrib[j], raw[j], residual[j], scaled[j])
+        forecast_raw = forecast * self.target_scale + self.target_offset  # [B, K] raw units
+        thresholds = [threshold] * len(batch) if self.dynamic is None else threshold.tolist()
+        imputed = [()] * len(batch) if missing is None else [
+            tuple(self.contract.features[f] for f in np.flatnonzero(row)) for row in missing]
+        return list(map(Output, devices, ts.tolist(), forecast_raw, score.tolist(),
+                        anomalous.tolist(), active.tolist(), events, imputed, thresholds))
+
+    def _impute(self, scaled, missing, slots, has_prev, prev_forecast) -> np.ndarray:
+        """``scaled`` [B, F] with its ``missing`` values filled: a target from the forecast made for
+        it, anything else from its last value."""
+        fill = self.per_device["last_scaled"][slots]  # [B, F]
+        fill[:, self.target_index] = np.where(has_prev[:, None], prev_forecast,
+                                              fill[:, self.target_index])
+        self.counters["imputed_values"] += int(missing.sum())
+        return np.where(missing, fill, scaled)
+
+    def _catch_up(self, slots: np.ndarray, ts: np.ndarray, last: np.ndarray) -> None:
+        """Devices whose last reading is more than a period old: reset after a long silence,
+        bridge a short one."""
+        known = np.isfinite(last) & self.per_device["has_prev"][slots]
         # A long silence breaks the dynamics the state encodes: start over, with warm-up.
-        last = self.last_ts[slots]
-        known = np.isfinite(last) & self.has_prev[slots]
         gap = known & (ts - last > self.max_gap_s)
         if gap.any():
             self.reset(slots[gap])
@@ -319,65 +334,20 @@ class Engine:
             skipped = np.where(known & ~gap, np.rint((ts - last) / self.period_s) - 1, 0)
             if (skipped >= 1).any():
                 self._bridge(slots, skipped.astype(np.int64))
-        raw = np.stack([batch[i].values for i in keep]).astype(np.float64)  # [B, F]
-        missing = ~np.isfinite(raw)
-        scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
-        # Impute: a target from the forecast made for it, anything else from its last value.
-        fill = self.last_scaled[slots].copy()
-        has_prev = self.has_prev[slots]
-        fill[:, self.target_index] = np.where(has_prev[:, None], self.prev_forecast[slots],
-                                              fill[:, self.target_index])
-        scaled = np.where(missing, fill, scaled)
-        self.counters["imputed_values"] += int(missing.sum())
 
-        # Score this reading against the forecast made one step earlier.
-        residual = scaled[:, self.target_index] - self.prev_forecast[slots]  # [B, K]
-        residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
-        score, contrib, ready = self.scorer.update(slots, residual)
-        threshold = (np.full(len(slots), self.threshold) if self.dynamic is None
-                     else self.dynamic.current(slots))
-        anomalous = ready & (score > threshold)
-        calm = ready & (score < self.settings.clear_ratio * threshold)
-        change = self.detector.update(slots, anomalous, calm)
-        # The dynamic threshold learns only from readings it did not flag: a sustained fault must
-        # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
-        # 70 % when it learned everything, 25 % like this).
-        learn = ready & ~anomalous
-        if self.dynamic is not None and learn.any():
-            self.dynamic.push(slots[learn], score[learn])
-
-        # Step the model: gather state rows [1, B, H], run, scatter back.
-        state = [s[slots][None] for s in self.state]
-        forecast, new_state = self.model.step(scaled[:, None, :], state)  # forecast [B, 1, K]
-        for s, new in zip(self.state, new_state, strict=True):
+    def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Step the model for ``slots`` on scaled readings ``x`` [B, F]: gather their state rows
+        [1, B, H_i], run, scatter back; returns the forecast of the next reading [B, K] (scaled)."""
+        pd = self.per_device.arrays
+        states = [pd[name] for name in self.state_names]
+        forecast, new_state = self.model.step(x[:, None, :], [s[slots][None] for s in states])
+        for s, new in zip(states, new_state, strict=True):
             s[slots] = new[0]
-        forecast = forecast[:, 0]
-        self.prev_forecast[slots] = forecast
-        self.last_scaled[slots] = scaled
-        self.has_prev[slots] = True
-        self.last_ts[slots] = ts
-        self.counters["steps"] += 1
-        self.counters["readings"] += len(slots)
-
-        forecast_raw = forecast * self.scale[self.target_index] + self.offset[self.target_index]
-        expected_raw = self._expected_raw(residual, scaled)
-        # Peak score of the running episode; kept after a clear so the cleared event reports it.
-        peak = self.fault_peak[slots]
-        peak = np.where(self.detector.active[slots], np.maximum(peak, score), peak)
-        self.fault_peak[slots] = np.where(change > 0, score, peak)
-        for j, i in enumerate(keep):
-            event = None
-            if change[j] != 0:
-                event = self._event(slots[j], ts[j], change[j], score[j], threshold[j], contrib[j],
-                                    raw[j], expected_raw[j])
-            results[i] = Output(
-                device=batch[i].device, ts=float(ts[j]), forecast=forecast_raw[j],
-                score=float(score[j]), anomalous=bool(anomalous[j]),
-                fault_active=bool(self.detector.active[slots[j]]), event=event,
-                imputed=tuple(self.contract.features[f] for f in np.flatnonzero(missing[j])),
-                threshold=float(threshold[j]),
-            )
-        return results
+        forecast = forecast[:, 0]  # [B, 1, K] → [B, K]
+        pd["prev_forecast"][slots] = forecast
+        pd["last_scaled"][slots] = x
+        pd["has_prev"][slots] = True
+        return forecast
 
     def _bridge(self, slots: np.ndarray, skipped: np.ndarray) -> None:
         """Step ``slots`` over ``skipped`` [B] missing readings each, feeding the model its forecasts.
@@ -385,29 +355,26 @@ class Engine:
         Targets take the forecast made for them, other features their last value; nothing is
         scored. Round r steps the devices that miss more than r readings, in one call.
         """
+        pd = self.per_device.arrays
         for r in range(int(skipped.max())):
             sel = slots[skipped > r]
-            x = self.last_scaled[sel].copy()  # [b, F]
-            x[:, self.target_index] = self.prev_forecast[sel]
-            state = [s[sel][None] for s in self.state]
-            forecast, new_state = self.model.step(x[:, None, :], state)
-            for s, new in zip(self.state, new_state, strict=True):
-                s[sel] = new[0]
-            self.prev_forecast[sel] = forecast[:, 0]
-            self.last_scaled[sel] = x
+            x = pd["last_scaled"][sel]  # [b, F] (a copy: fancy indexing)
+            x[:, self.target_index] = pd["prev_forecast"][sel]
+            self._advance(sel, x)
             self.counters["bridged_readings"] += len(sel)
 
-    def _expected_raw(self, residual: np.ndarray, scaled: np.ndarray) -> np.ndarray:
-        """What the model had forecast for this reading, raw units [B, K] (from reading − residual)."""
-        expected = scaled[:, self.target_index] - np.nan_to_num(residual)
-        return expected * self.scale[self.target_index] + self.offset[self.target_index]
-
-    def _event(self, slot, ts, change, score, threshold, contrib, raw, expected) -> FaultEvent:
-        device = self.device_of_slot[int(slot)]
+    def _event(self, slot: int, ts, change, score, threshold, contrib, raw, residual, scaled) -> FaultEvent:
+        """The event of a fault raised (``change`` > 0) or cleared at this reading of ``slot``:
+        ``contrib`` [K] each channel's part of score², ``raw`` [F] the reading, ``residual`` [K]
+        reading − forecast and ``scaled`` [F] the reading, in scaled units."""
+        device = self.device_of_slot[slot]
         if change > 0:
             self.counters["faults_raised"] += 1
-            self.fault_start[slot] = ts
-            contrib = np.nan_to_num(contrib)  # each channel's part of score²
+            self.per_device["fault_start"][slot] = ts
+            # What the model had forecast for this reading, raw units [K] (reading − residual).
+            expected = ((scaled[self.target_index] - np.nan_to_num(residual)) * self.target_scale
+                        + self.target_offset)
+            contrib = np.nan_to_num(contrib)
             total = contrib.sum() or 1.0
             top = np.argsort(-contrib)[: self.settings.top_channels]
             channels = tuple(
@@ -420,5 +387,8 @@ class Engine:
             return FaultEvent(device, "raised", float(ts), float(ts), float(score),
                               float(threshold), channels)
         self.counters["faults_cleared"] += 1
-        return FaultEvent(device, "cleared", float(ts), float(self.fault_start[slot]),
-                          float(self.fault_peak[slot]), float(threshold))
+        return FaultEvent(device, "cleared", float(ts), float(self.per_device["fault_start"][slot]),
+                          float(self.per_device["fault_peak"][slot]), float(threshold))
+
+# Reading, Output and FaultEvent live in events.py; re-exported for the callers that import them here.
+__all__ = ["Engine", "EngineSettings", "FaultEvent", "Output", "Reading"]

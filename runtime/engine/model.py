@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -31,6 +32,24 @@ def read_contract(session: ort.InferenceSession) -> ModelContract:
     if METADATA_KEY not in meta:
         raise ContractError(f"no {METADATA_KEY} metadata: not a faultwatch model")
     return ModelContract.from_json(meta[METADATA_KEY])
+
+
+class ModelStep(Protocol):
+    """What the engine steps: a model's contract and one stateful step for a batch of devices.
+
+    :class:`StepModel` is the real one; the daemon's ``TimedModel`` wraps it to time each step.
+    """
+
+    contract: ModelContract
+    state_widths: list[int]  # H_i of each state tensor, in ModelContract.state_names() order
+
+    def zero_state(self, batch: int) -> list[np.ndarray]:
+        """Zero state for ``batch`` devices: ``[1, batch, H_i]`` float32 each."""
+        ...
+
+    def step(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x [B, T, F] float32 scaled readings, state [1, B, H_i] each → forecast [B, T, K], new state."""
+        ...
 
 
 class StepModel:
@@ -93,4 +112,4 @@ class StepModel:
         return out[0], out[1:]
 
 
-__all__ = ["ModelError", "StepModel"]
+__all__ = ["ModelError", "ModelStep", "StepModel"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from faultwatch.runtime.engine.devices import SlotArrays
 
 
 @dataclass(frozen=True)
@@ -160,25 +161,38 @@ class DynamicThreshold:
     threshold is ``floor_value`` (the static threshold × floor).
     """
 
-    def __init__(self, settings: DynamicThresholdSettings, static: float, capacity: int):
+    FIELDS = ("threshold_window", "threshold_count", "threshold_value")  # its per-device arrays
+
+    def __init__(self, settings: DynamicThresholdSettings, static: float, capacity: int = 0,
+                 per_device: SlotArrays | None = None):
         self.settings = settings
         self.static = float(static)
         self.floor_value = settings.floor * self.static
         self.start = max(self.static, self.floor_value)  # until min_history scores are in
-        self.buffer = np.zeros((capacity, settings.window), np.float32)  # ring of the last scores
-        self.count = np.zeros(capacity, dtype=np.int64)  # scores pushed since the last reset
-        self.value = np.full(capacity, self.start)
+        self.per_device = SlotArrays(capacity) if per_device is None else per_device
+        # [cap, window] ring of the last scores; [cap] scores pushed since the last reset; [cap] value.
+        self.per_device.declare("threshold_window", (settings.window,), np.float32)
+        self.per_device.declare("threshold_count", dtype=np.int64, on_reset=0)
+        self.per_device.declare("threshold_value", initial=self.start, on_reset=self.start)
         self.recomputed = 0
 
+    @property
+    def buffer(self) -> np.ndarray:
+        return self.per_device["threshold_window"]
+
+    @property
+    def count(self) -> np.ndarray:
+        return self.per_device["threshold_count"]
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.per_device["threshold_value"]
+
     def grow(self, capacity: int) -> None:
-        extra = capacity - len(self.count)
-        self.buffer = np.concatenate([self.buffer, np.zeros((extra, self.settings.window), np.float32)])
-        self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
-        self.value = np.concatenate([self.value, np.full(extra, self.start)])
+        self.per_device.grow(capacity)
 
     def reset(self, slots) -> None:
-        self.count[slots] = 0
-        self.value[slots] = self.start
+        self.per_device.reset(slots, self.FIELDS)
 
     def current(self, slots) -> np.ndarray:
         return self.value[np.asarray(slots)]

@@ -260,7 +260,7 @@ def test_engine_stays_within_its_device_cap_under_100k_device_ids(int8_model):
     for start in range(0, 100_000, 5000):
         engine.process([Reading(f"flood-{i}", 1_700_000_000.0, row) for i in range(start, start + 5000)])
         assert len(engine.table.slots) <= 500 and engine.capacity <= 500
-        assert all(len(a) <= 500 for a in engine._per_slot().values())
+        assert all(len(a) <= 500 for a in engine.per_device.arrays.values())
     assert engine.counters["devices_evicted"] == 99_500
     assert len(engine.device_of_slot) <= 500
 
@@ -290,11 +290,11 @@ def test_engine_swap_with_another_contract_starts_over_keeping_devices(trained, 
     data = simulate(devices=2, steps=80, seed=6)
     a = Engine(StepModel(trained.int8))
     a.process(_readings(data, slice(0, 60)))
-    last_ts = {d: a.last_ts[a.table.slots[d]] for d in data.devices}
+    last_ts = {d: a.per_device["last_ts"][a.table.slots[d]] for d in data.devices}
     assert a.swap_model(StepModel(other)) is False
     assert a.devices == list(data.devices)
-    assert {d: a.last_ts[a.table.slots[d]] for d in data.devices} == last_ts
-    assert not a.has_prev[: a.capacity].any() and (a.scorer.seen[: a.capacity] == 0).all()
+    assert {d: a.per_device["last_ts"][a.table.slots[d]] for d in data.devices} == last_ts
+    assert not a.per_device["has_prev"][: a.capacity].any() and (a.scorer.seen[: a.capacity] == 0).all()
     # A redelivered reading is still recognised...
     assert a.process(_readings(data, slice(59, 60))) == [None, None]
     # ...and the next ones run as on a fresh engine with the new model.
