@@ -6,20 +6,25 @@ forecast it made for its next reading, scorer and detector state). A call
 gathers the slots of the devices with a reading, steps them together in one
 onnxruntime call, and scatters the new state back. Two readings of one
 device never share a call: the second needs the state the first produces.
+
+Every decision (score span, threshold policy, raise/clear, warm-up, gaps,
+clipping) comes from the :class:`DetectorSettings` the model file carries;
+:class:`EngineSettings` may override single fields of it and otherwise holds
+only what does not decide (capacity, batch size, how many channels an event names).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
-from faultwatch.runtime.engine.thresholds import DynamicThreshold, DynamicThresholdSettings
+from faultwatch.runtime.engine.thresholds import DynamicThreshold
 
 
 def _all(flags: np.ndarray) -> bool:
@@ -30,25 +35,14 @@ def _all(flags: np.ndarray) -> bool:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """What the engine runs with beyond the model's own decisions."""
+
     max_devices: int = 10_000  # least recently seen device evicted beyond this
     max_batch: int = 1024  # devices per onnxruntime call
-    threshold: float | None = None  # None: the calibrated threshold from the model
-    # None: the static threshold above; settings: telemanom's dynamic threshold per device
-    dynamic_threshold: DynamicThresholdSettings | None = None
-    warmup: int | None = None  # readings after a reset with no fault raised; None: from the model
-    raise_k: int = 3  # a fault is raised when raise_k of the last window_n readings are anomalous
-    window_n: int = 5
-    clear_m: int = 20  # ...and cleared after clear_m calm readings in a row,
-    clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold (hysteresis)
-    top_channels: int = 3
-    max_gap_periods: float = 60.0  # a longer silence (in sample periods) resets the device's state
-    # A shorter one is bridged: each missing reading is replaced by the model's own forecast.
-
-    def __post_init__(self) -> None:
-        if not 0 < self.clear_ratio <= 1:
-            raise ValueError(f"clear_ratio must be in (0, 1], got {self.clear_ratio}")
-        if self.max_gap_periods < 1:
-            raise ValueError(f"max_gap_periods must be >= 1, got {self.max_gap_periods}")
+    top_channels: int = 3  # channels named by a raised fault event
+    # Overrides of single DetectorSettings fields (a daemon config's [engine.detector]); empty:
+    # the model's own. Checked when an engine takes on a model.
+    detector: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -68,11 +62,13 @@ class Engine:
         """Take on ``model``: its constants, and fresh per-device arrays (capacity 0) declared for it."""
         c = model.contract
         self.model, self.contract = model, c
-        self.threshold = (self.settings.threshold if self.settings.threshold is not None
-                          else c.calibration.threshold)
+        self.decisions = d = c.decisions.with_overrides(self.settings.detector)
+        self.threshold = d.threshold if d.threshold is not None else c.calibration.threshold
         self.period_s = c.sample_period_s
-        self.max_gap_s = self.settings.max_gap_periods * c.sample_period_s
-        warmup = self.settings.warmup if self.settings.warmup is not None else c.calibration.warmup
+        self.max_gap_s = d.max_gap_periods * c.sample_period_s
+        # Scaled readings are clipped to this range before they are scored and stepped (see
+        # DetectorSettings.clip_k): int8 activations are quantized over the whole batch.
+        self.clip = (-d.clip_k, 1.0 + d.clip_k)
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
         self.scale = np.asarray(c.scaler.scale)
@@ -99,14 +95,13 @@ class Engine:
         per_device.declare("last_ts", initial=-np.inf, across_models=True)
         per_device.declare("fault_start", across_models=True)
         per_device.declare("fault_peak", across_models=True)
+        # Readings still to step without scoring after a bridged gap or a resume (DetectorSettings.rewarm).
+        per_device.declare("rewarm", dtype=np.int64, on_reset=0)
         self.per_device = per_device
-        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup,
-                             per_device=per_device)
-        self.detector = FaultDetector(self.settings.raise_k, self.settings.window_n,
-                                      self.settings.clear_m, per_device=per_device)
-        dynamic = self.settings.dynamic_threshold
-        self.dynamic = (None if dynamic is None
-                        else DynamicThreshold(dynamic, self.threshold, per_device=per_device))
+        self.scorer = Scorer(c.calibration.residual_std, d.score_span, d.warmup, per_device=per_device)
+        self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device)
+        self.dynamic = (DynamicThreshold(d.dynamic, self.threshold, per_device=per_device)
+                        if d.policy == "dynamic" else None)
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -155,9 +150,14 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
+        # "rewarm" is set below whatever the snapshot says (a snapshot from before it existed fits).
+        saved = {"rewarm": np.zeros(len(devices), np.int64)} | dict(saved)
         self.per_device.check_fits(saved, len(devices))
         slots = np.array(self._slots(devices), dtype=np.int64)
         self.per_device.load(slots, saved)
+        # The state is as old as the snapshot: the readings stepped since (lost with the process)
+        # come back as a gap, and the first ones after it are the model catching up, not a fault.
+        self.per_device["rewarm"][slots] = self.decisions.rewarm
         return len(devices)
 
     # -- hot reload ------------------------------------------------------------------------
@@ -266,6 +266,11 @@ class Engine:
         scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
         finite = np.isfinite(raw)
         missing = None if _all(finite) else ~finite
+        lo, hi = self.clip
+        outside = np.count_nonzero((scaled < lo) | (scaled > hi))  # NaN compares False: not counted
+        if outside:
+            self.counters["clipped_values"] += int(outside)
+            scaled = np.clip(scaled, lo, hi)
         prev_forecast = pd["prev_forecast"][slots]  # [B, K]: what the model forecast for this reading
         if missing is not None:
             scaled = self._impute(scaled, missing, slots, has_prev, prev_forecast)
@@ -276,10 +281,17 @@ class Engine:
             residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
         elif not _all(has_prev):
             residual[~has_prev] = np.nan
+        rewarm = pd["rewarm"][slots]
+        rewarming = rewarm > 0
+        if np.count_nonzero(rewarming):  # rare: right after a bridged gap or a resume
+            residual[rewarming] = np.nan  # stepped, not scored: the score holds where it was
+            pd["rewarm"][slots] = np.maximum(rewarm - 1, 0)
+            self.counters["rewarm_readings"] += int(np.count_nonzero(rewarming))
         score, contrib, ready = self.scorer.update(slots, residual)
+        ready = ready & ~rewarming
         threshold = float(self.threshold) if self.dynamic is None else self.dynamic.current(slots)
         anomalous = ready & (score > threshold)
-        calm = ready & (score < self.settings.clear_ratio * threshold)
+        calm = ready & (score < self.decisions.clear_ratio * threshold)
         change = self.detector.update(slots, anomalous, calm)
         # The dynamic threshold learns only from readings it did not flag: a sustained fault must
         # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
@@ -334,6 +346,8 @@ class Engine:
             skipped = np.where(known & ~gap, np.rint((ts - last) / self.period_s) - 1, 0)
             if (skipped >= 1).any():
                 self._bridge(slots, skipped.astype(np.int64))
+                # The state ran on its own forecasts: the next readings are stepped, not scored.
+                self.per_device["rewarm"][slots[skipped >= 1]] = self.decisions.rewarm
 
     def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Step the model for ``slots`` on scaled readings ``x`` [B, F]: gather their state rows

@@ -127,7 +127,7 @@ def test_clean_stream_raises_no_fault(int8: StepModel):
 def test_no_anomalous_flag_during_warmup_after_a_reset(int8: StepModel):
     warmup = 12
     # A threshold of ~0 flags every scored reading: only warm-up can keep a flag down.
-    engine = Engine(int8, EngineSettings(threshold=1e-9, warmup=warmup))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 1e-9, "warmup": warmup}))
     data = simulate(devices=1, steps=100, seed=5)
     readings = readings_of(data)
     first = engine.process(readings[:40])
@@ -146,7 +146,7 @@ def test_no_anomalous_flag_during_warmup_after_a_reset(int8: StepModel):
 def test_warmup_defaults_to_the_model_calibration(int8: StepModel):
     warmup = int8.contract.calibration.warmup
     assert warmup > 0
-    engine = Engine(int8, EngineSettings(threshold=1e-9))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 1e-9}))
     outputs = engine.process(readings_of(simulate(devices=1, steps=warmup + 10, seed=6)))
     assert not any(o.anomalous for o in outputs[:warmup])
     assert any(o.anomalous for o in outputs[warmup:])
@@ -290,7 +290,7 @@ def test_a_long_gap_resets_the_device_state(int8: StepModel):
     data = simulate(devices=1, steps=60, seed=13)
     readings = readings_of(data)
     limit = Engine(int8).max_gap_s
-    assert limit == EngineSettings().max_gap_periods * int8.contract.sample_period_s
+    assert limit == int8.contract.decisions.max_gap_periods * int8.contract.sample_period_s
 
     def after_pause(pause: float) -> tuple[Engine, Output]:
         engine = Engine(int8)

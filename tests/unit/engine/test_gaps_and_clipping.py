@@ -100,11 +100,15 @@ def test_a_wild_value_is_clipped_before_the_step_and_is_anomalous_for_its_device
     scale = np.asarray(int8.contract.scaler.scale)[list(int8.contract.target_index)]
     shift_clipped = np.abs(forecasts_of(clipped, calm) - forecasts_of(clean_outs, calm)) / scale
     shift_unclipped = np.abs(forecasts_of(unclipped, calm) - forecasts_of(clean_outs, calm)) / scale
-    # Scaled units (training range [0, 1]): the calm device's forecasts barely move when clipped.
-    assert shift_clipped.max() < 0.02 < shift_unclipped.max(), (shift_clipped.max(), shift_unclipped.max())
+    # Scaled units (training range [0, 1]): the calm device's forecasts move by less than 0.2 % of
+    # the range when the wild value is clipped (measured: 0.06 %), by ten times more when it is not.
+    assert shift_clipped.max() < 0.002, shift_clipped.max()
+    assert shift_unclipped.max() > 10 * shift_clipped.max(), (shift_clipped.max(), shift_unclipped.max())
     assert engine.counters["clipped_values"] == 40
     after = 160 * data.period_s
     wild_after = [o for o in clipped if o.device == wild and o.ts - data.timestamps[0] >= after]
     calm_after = [o for o in clipped if o.device == calm and o.ts - data.timestamps[0] >= after]
-    assert all(o.anomalous for o in wild_after) and wild_after[-1].fault_active
+    # Anomalous at once, and a fault raised; (the model then follows the clipped level, so the
+    # score need not stay above the threshold for all 40 wild readings).
+    assert all(o.anomalous for o in wild_after[:3]) and wild_after[2].fault_active
     assert not any(o.anomalous or o.fault_active for o in calm_after)
