@@ -32,7 +32,7 @@ import onnx
 import torch
 from faultwatch.export.build import ExportOptions, export_model
 from faultwatch.export.onnx_graph import ExportError, with_contract
-from faultwatch.runtime.engine.calibration import calibrate, streamed_forecasts
+from faultwatch.runtime.engine.calibration import calibrate, calibrate_detector, streamed_forecasts
 from faultwatch.runtime.engine.contract import METADATA_KEY, ModelContract
 from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
@@ -118,17 +118,20 @@ def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec, detector:
         settle = [s.split - 1 - a for s, a in zip(prepared.series, starts, strict=True)]
         calibration = calibrate(residuals, span=d.score_span, warmup=d.warmup,
                                 quantile=d.quantile, factor=d.factor, settle=min(settle))
+        detector_calibration = calibrate_detector(residuals, calibration, d, settle=min(settle))
     elif spec.calibrate_on == "all":
         calibration = calibrate([r[d.warmup:] for r in residuals], span=d.score_span,
                                 warmup=d.warmup, quantile=d.quantile, factor=d.factor)
+        detector_calibration = calibrate_detector([r[d.warmup:] for r in residuals], calibration, d)
     else:
         raise ValueError(f"calibrate_on must be 'held-out' or 'all', got {spec.calibrate_on!r}")
     proto = onnx.load(model_path)
     meta = {p.key: p.value for p in proto.metadata_props}
-    contract = replace(ModelContract.from_json(meta[METADATA_KEY]), calibration=calibration)
+    contract = replace(ModelContract.from_json(meta[METADATA_KEY]), calibration=calibration,
+                       detector_calibration=detector_calibration)
     contract = replace(contract, provenance=contract.provenance | {"calibrated_on": spec.calibrate_on})
     model_path.write_bytes(with_contract(proto, contract))
-    return asdict(calibration)
+    return asdict(calibration) | {"detector": asdict(detector_calibration)}
 
 
 def _train_once(prepared: Prepared, spec: BenchSpec, init: Path | None,

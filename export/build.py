@@ -33,7 +33,12 @@ from faultwatch.export.onnx_graph import (
     to_onnx,
     with_contract,
 )
-from faultwatch.runtime.engine.calibration import calibrate, held_out_residuals, streamed_forecasts
+from faultwatch.runtime.engine.calibration import (
+    calibrate,
+    calibrate_detector,
+    held_out_residuals,
+    streamed_forecasts,
+)
 from faultwatch.runtime.engine.contract import READINGS, Calibration, ModelContract
 from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
@@ -169,13 +174,14 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
     residuals = held_out_residuals(series, splits, ort_forecasts, idx)
     calibration = calibrate(residuals, span=detector.score_span, warmup=detector.warmup,
                             quantile=detector.quantile, factor=detector.factor)
+    detector_calibration = calibrate_detector(residuals, calibration, detector)
     # Parity on the held-out parts: torch, whole sequence vs ONNX, one reading per call.
     torch_forecasts = _torch_forecasts(model, series)
     max_diff = float(max(np.abs(tf[sp:] - of[sp:]).max()
                          for sp, tf, of in zip(splits, torch_forecasts, ort_forecasts, strict=True)))
     rmse_torch = _rmse(held_out_residuals(series, splits, torch_forecasts, idx))
     rmse_onnx = _rmse(residuals)
-    contract = replace(contract, calibration=calibration)
+    contract = replace(contract, calibration=calibration, detector_calibration=detector_calibration)
     data = with_contract(proto, contract)
     fp32_data = with_contract(fp32, replace(contract, quantization="none"))
     final = onnx.load_from_string(data)

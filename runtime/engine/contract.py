@@ -127,6 +127,23 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class DetectorCalibration:
+    """What the detector's spike score and likelihood threshold need, measured with the exported
+    model on the same normal rows as :class:`Calibration` (``runtime.engine.calibration``).
+
+    ``spike_residual_std`` [K]: each target's plain error RMS (scaled units), the spread of the
+    unsmoothed score; ``spike_threshold``: factor × quantile of that score; ``ratio_mean`` and
+    ``ratio_var``: mean and variance of ``x`` = the detector's score over the static threshold,
+    where each device's likelihood estimate starts.
+    """
+
+    spike_residual_std: tuple[float, ...]
+    spike_threshold: float
+    ratio_mean: float
+    ratio_var: float
+
+
+@dataclass(frozen=True)
 class ModelContract:
     """Everything the runtime needs to run and interpret a faultwatch model."""
 
@@ -144,6 +161,8 @@ class ModelContract:
     version: int = CONTRACT_VERSION
     #: Every decision the runtime makes from the score (None: the legacy settings of the calibration).
     detector: DetectorSettings | None = None
+    #: The spike score's spread and threshold and where the likelihood starts (None: not measured).
+    detector_calibration: DetectorCalibration | None = None
 
     @property
     def decisions(self) -> DetectorSettings:
@@ -225,6 +244,7 @@ class ModelContract:
                 version=version,
                 detector=(DetectorSettings.from_dict(raw["detector"])
                           if isinstance(raw.get("detector"), dict) else None),
+                detector_calibration=_detector_calibration(raw.get("detector_calibration")),
             )
         except DetectorSettingsError as exc:
             raise ContractError(f"{METADATA_KEY}: {exc}") from None
@@ -249,6 +269,17 @@ class ModelContract:
             raise ContractError(f"scaler has the wrong width for {n} features")
         if len(self.calibration.residual_std) != len(self.targets):
             raise ContractError("calibration.residual_std must have one entry per target")
+        dc = self.detector_calibration
+        if dc is not None and len(dc.spike_residual_std) != len(self.targets):
+            raise ContractError("detector_calibration.spike_residual_std must have one entry per target")
         if self.detector is not None and self.detector.score_span != self.calibration.score_span:
             raise ContractError(f"detector.score_span {self.detector.score_span} differs from the "
                                 f"span the calibration was measured at ({self.calibration.score_span})")
+
+
+def _detector_calibration(raw: Any) -> DetectorCalibration | None:
+    if not isinstance(raw, dict):
+        return None
+    return DetectorCalibration(spike_residual_std=tuple(float(v) for v in raw["spike_residual_std"]),
+                               spike_threshold=float(raw["spike_threshold"]),
+                               ratio_mean=float(raw["ratio_mean"]), ratio_var=float(raw["ratio_var"]))

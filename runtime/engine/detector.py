@@ -15,11 +15,17 @@ What each group decides (a reading goes through them in this order):
   in the same call; clipped, it still scores far above any threshold.
 - **score**: each channel's error over its normal spread, smoothed by an EWMA
   of ``score_span`` readings, combined as an RMS (``Scorer``); ``warmup``
-  readings after a reset are never anomalous.
+  readings after a reset are never anomalous. With ``spike``, a second,
+  unsmoothed score (the RMS of the plain normalised errors) with its own
+  calibrated threshold runs beside it, and the score is the larger of the two
+  relative to their thresholds (a Shewhart chart beside the EWMA chart: the
+  EWMA finds small sustained shifts, and smooths a one-reading spike to 0.1 of
+  its height at span 20; the plain score finds the spike).
 - **threshold**: ``static`` = ``factor`` × the ``quantile`` of normal scores at
   calibration (or ``threshold`` when given); ``dynamic`` = telemanom's
   nonparametric threshold per device (``dynamic`` settings), never below the
-  static one.
+  static one; ``likelihood`` = the tail of the device's own long-run score
+  distribution (``likelihood`` settings, see ``runtime.engine.likelihood``).
 - **raise/clear**: raised when ``raise_k`` of the last ``window_n`` readings are
   anomalous, cleared after ``clear_m`` calm readings in a row (score below
   ``clear_ratio`` × threshold).
@@ -37,9 +43,11 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from faultwatch.runtime.engine.likelihood import LikelihoodSettings
 from faultwatch.runtime.engine.thresholds import DynamicThresholdSettings
 
-POLICIES = ("static", "dynamic")
+POLICIES = ("static", "dynamic", "likelihood")
+NESTED = {"dynamic": DynamicThresholdSettings, "likelihood": LikelihoodSettings}
 
 
 class DetectorSettingsError(ValueError):
@@ -48,13 +56,15 @@ class DetectorSettingsError(ValueError):
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    score_span: int = 5  # EWMA span of each channel's normalised error
+    score_span: int = 20  # EWMA span of each channel's normalised error
+    spike: bool = True  # also an unsmoothed score, with its own calibrated threshold
     warmup: int = 30  # scored readings after a reset that never count as anomalous
     quantile: float = 0.995  # static threshold = factor × this quantile of normal scores
-    factor: float = 1.5
+    factor: float = 2.5
     threshold: float | None = None  # a fixed static threshold instead (None: the calibrated one)
-    policy: str = "static"  # "static" or "dynamic" (telemanom's, per device)
+    policy: str = "likelihood"  # "static", "dynamic" (telemanom's) or "likelihood" (Numenta's idea)
     dynamic: DynamicThresholdSettings = field(default_factory=DynamicThresholdSettings)
+    likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
     raise_k: int = 3  # raised when raise_k of the last window_n readings are anomalous
     window_n: int = 5
     clear_m: int = 20  # cleared after clear_m calm readings in a row,
@@ -89,11 +99,11 @@ class DetectorSettings:
         ones take their defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
-        if "dynamic" in values:
-            dyn_names = {f.name for f in dataclasses.fields(DynamicThresholdSettings)}
-            values["dynamic"] = DynamicThresholdSettings(
-                **{k: v for k, v in dict(values["dynamic"]).items() if k in dyn_names})
         try:
+            for key, kind in NESTED.items():
+                if key in values:
+                    known = {f.name for f in dataclasses.fields(kind)}
+                    values[key] = kind(**{k: v for k, v in dict(values[key]).items() if k in known})
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise DetectorSettingsError(f"detector: {exc}") from None
@@ -103,7 +113,7 @@ class DetectorSettings:
         """What a model exported before the detector was stored gets: the span, warm-up and
         threshold rule of its calibration, every other decision as the runtime made it then."""
         return cls(score_span=score_span, warmup=warmup, quantile=quantile, factor=factor,
-                   rewarm=0, clip_k=1e9)
+                   spike=False, policy="static", clear_m=20, rewarm=0, clip_k=1e9)
 
     def with_overrides(self, overrides: dict[str, Any]) -> DetectorSettings:
         """These settings with the given fields replaced (a config's ``[engine.detector]``).
@@ -123,19 +133,21 @@ class DetectorSettings:
             raise DetectorSettingsError("detector.score_span is part of the model's calibration: "
                                         "re-export with --span instead")
         values = dict(overrides)
-        if "dynamic" in values:
-            if not isinstance(values["dynamic"], dict):
-                raise DetectorSettingsError("detector.dynamic must be a table")
+        for key in NESTED:
+            if key not in values:
+                continue
+            if not isinstance(values[key], dict):
+                raise DetectorSettingsError(f"detector.{key} must be a table")
             try:
-                values["dynamic"] = replace(self.dynamic, **values["dynamic"])
+                values[key] = replace(getattr(self, key), **values[key])
             except (TypeError, ValueError) as exc:
-                raise DetectorSettingsError(f"detector.dynamic: {exc}") from None
+                raise DetectorSettingsError(f"detector.{key}: {exc}") from None
         for name, value in values.items():
-            if name == "dynamic":
+            if name in NESTED:
                 continue
             default = getattr(self, name)
             if isinstance(default, bool) or isinstance(value, bool):
-                ok = False
+                ok = isinstance(default, bool) and isinstance(value, bool)
             elif isinstance(default, int) and name != "threshold":
                 ok = isinstance(value, int)
             elif isinstance(default, str):
@@ -154,10 +166,12 @@ class DetectorSettings:
         """Lines for ``faultwatch inspect``."""
         static = (f"static {self.threshold:g}" if self.threshold is not None
                   else f"static q{self.quantile:g} × {self.factor:g} of normal scores")
-        threshold = static if self.policy == "static" else f"{self.dynamic.describe()}; floor {static}"
+        threshold = {"static": static, "dynamic": f"{self.dynamic.describe()}; floor {static}",
+                     "likelihood": f"{self.likelihood.describe()} the {static}"}[self.policy]
         return [
-            f"score: per-channel EWMA span {self.score_span}, RMS over channels (~1 when normal); "
-            f"warm-up {self.warmup} readings",
+            f"score: per-channel EWMA span {self.score_span}, RMS over channels (~1 when normal)"
+            + (", and the unsmoothed score against its own threshold" if self.spike else "")
+            + f"; warm-up {self.warmup} readings",
             f"threshold: {threshold}",
             f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
             f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold)",

@@ -20,8 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from faultwatch.runtime.engine.calibration import spike_scores
+from faultwatch.runtime.engine.detector import DetectorSettingsError
 from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
+from faultwatch.runtime.engine.likelihood import LikelihoodThreshold
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold
@@ -102,6 +105,16 @@ class Engine:
         self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device)
         self.dynamic = (DynamicThreshold(d.dynamic, self.threshold, per_device=per_device)
                         if d.policy == "dynamic" else None)
+        dc = c.detector_calibration
+        if dc is None and (d.spike or d.policy == "likelihood"):
+            raise DetectorSettingsError("detector: the spike score and the likelihood threshold need "
+                                        "a model exported by this faultwatch (no detector calibration)")
+        # The unsmoothed score's spread [K] and its weight in the static threshold's units.
+        self.spike_std = np.asarray(dc.spike_residual_std) if d.spike and dc else None
+        self.spike_gain = self.threshold / dc.spike_threshold if d.spike and dc else 0.0
+        self.likelihood = (LikelihoodThreshold(d.likelihood, self.threshold, dc.ratio_mean,
+                                               dc.ratio_var, per_device)
+                           if d.policy == "likelihood" and dc else None)
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -288,8 +301,15 @@ class Engine:
             pd["rewarm"][slots] = np.maximum(rewarm - 1, 0)
             self.counters["rewarm_readings"] += int(np.count_nonzero(rewarming))
         score, contrib, ready = self.scorer.update(slots, residual)
+        if self.spike_std is not None:  # the larger of the two scores, in the EWMA score's units
+            score = np.maximum(score, self.spike_gain * spike_scores(residual, self.spike_std))
         ready = ready & ~rewarming
-        threshold = float(self.threshold) if self.dynamic is None else self.dynamic.current(slots)
+        if self.likelihood is not None:
+            threshold = self.likelihood.current(slots)
+        elif self.dynamic is not None:
+            threshold = self.dynamic.current(slots)
+        else:
+            threshold = float(self.threshold)
         anomalous = ready & (score > threshold)
         calm = ready & (score < self.decisions.clear_ratio * threshold)
         change = self.detector.update(slots, anomalous, calm)
@@ -300,6 +320,9 @@ class Engine:
             learn = ready & ~anomalous
             if learn.any():
                 self.dynamic.push(slots[learn], score[learn])
+        # The likelihood learns from every ready reading, flagged or not (see its module).
+        if self.likelihood is not None and np.count_nonzero(ready):
+            self.likelihood.learn(slots[ready], score[ready])
 
         forecast = self._advance(slots, scaled)  # [B, K] scaled
         pd["last_ts"][slots] = ts
@@ -314,10 +337,10 @@ class Engine:
             pd["fault_peak"][slots] = np.where(change > 0, score, peak)
             for j in np.flatnonzero(change):
                 events[j] = self._event(int(slots[j]), ts[j], change[j], score[j],
-                                        threshold if self.dynamic is None else threshold[j],
+                                        threshold if np.ndim(threshold) == 0 else threshold[j],
                                         contrib[j], raw[j], residual[j], scaled[j])
         forecast_raw = forecast * self.target_scale + self.target_offset  # [B, K] raw units
-        thresholds = [threshold] * len(batch) if self.dynamic is None else threshold.tolist()
+        thresholds = [threshold] * len(batch) if np.ndim(threshold) == 0 else threshold.tolist()
         imputed = [()] * len(batch) if missing is None else [
             tuple(self.contract.features[f] for f in np.flatnonzero(row)) for row in missing]
         return list(map(Output, devices, ts.tolist(), forecast_raw, score.tolist(),

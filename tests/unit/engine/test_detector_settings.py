@@ -71,7 +71,7 @@ def test_the_example_config_documents_every_detector_setting_at_its_default():
     for key, value in raw.items():
         if key == "threshold":
             continue  # None by default: the example shows the form of a value
-        if key == "dynamic":
-            assert all(defaults["dynamic"][k] == v for k, v in value.items()), value
+        if key in ("dynamic", "likelihood"):
+            assert all(defaults[key][k] == v for k, v in value.items()), value
             continue
         assert value == defaults[key], key

@@ -72,7 +72,7 @@ def test_valve_closure_raises_a_fault_on_the_faulty_device_only(int8: StepModel,
     first = raised[0]
     assert first.ts < window_start + 20 * period  # the valve closes over 5 steps: found at once
     assert first.device == "pump-000" and first.started_ts == first.ts
-    assert first.peak_score > first.threshold == engine.threshold
+    assert first.peak_score > first.threshold > 0  # the device's threshold at the raise (per device)
     # Nothing anywhere else: not on the clean pumps, not on the faulty one before or well after.
     assert events(outputs, "pump-001") == [] and events(outputs, "pump-002") == []
     assert engine.counters["faults_raised"] == len(raised)

@@ -53,7 +53,7 @@ def test_jitter_below_half_a_period_bridges_nothing(int8: StepModel):
 
 
 def test_static_threshold_is_reported_with_every_output(int8: StepModel):
-    engine = Engine(int8, EngineSettings(detector={"threshold": 2.5}))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 2.5, "policy": "static"}))
     outs = engine.process(readings(20, seed=23))
     assert all(o.threshold == 2.5 for o in outs)
 
