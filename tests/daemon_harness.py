@@ -28,11 +28,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 
+def _value(v) -> str:
+    """JSON scalars and string lists are valid TOML; a dict becomes an inline table."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 def toml(sections: dict) -> str:
-    top = [f"{k} = {json.dumps(v)}" for k, v in sections.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+    top = [f"{k} = {_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {_value(vv)}" for kk, vv in v.items())
               for k, v in sections.items() if isinstance(v, dict)]
-    return "\n".join(top + tables) + "\n"  # JSON scalars and string lists are valid TOML
+    return "\n".join(top + tables) + "\n"
 
 
 _STARTED: list[Daemon] = []
