@@ -377,7 +377,10 @@ def test_newer_contract_version_is_refused_by_step_model(trained: TrainedModels,
                                 scaler=raw["scaler"] | {"offset": raw["scaler"]["offset"][:-1],
                                                         "scale": raw["scaler"]["scale"][:-1]},
                                 calibration=raw["calibration"]
-                                | {"residual_std": raw["calibration"]["residual_std"][:-1]}),
+                                | {"residual_std": raw["calibration"]["residual_std"][:-1]},
+                                detector_calibration=raw["detector_calibration"] | {
+                                    "spike_residual_std":
+                                        raw["detector_calibration"]["spike_residual_std"][:-1]}),
          "features"),
         (lambda raw: raw.pop("scaler"), "scaler"),
         (lambda raw: raw.update(cell="transformer"), "transformer"),
