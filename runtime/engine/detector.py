@@ -31,10 +31,10 @@ What each group decides (a reading goes through them in this order):
   ``clear_ratio`` × threshold).
 - **gaps and restarts**: a silence longer than ``max_gap_periods`` sample
   periods resets the device (with ``warmup``); a shorter one is bridged with
-  the model's own forecasts. After a bridge or a resume from a snapshot the
-  LSTM state has not seen real readings for a while: the next ``rewarm``
-  readings step the model but are not scored, so the model's own catching-up
-  error is never taken for a fault.
+  the model's own forecasts. After a bridge (also the one that follows a
+  resume from a snapshot older than the last reading stepped before a crash)
+  the LSTM state has run on forecasts: the next ``rewarm`` readings step the
+  model but are not scored, so its catching-up error is never taken for a fault.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class DetectorSettings:
     clear_m: int = 20  # cleared after clear_m calm readings in a row,
     clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold
     max_gap_periods: float = 60.0  # a longer silence (sample periods) resets the device's state
-    rewarm: int = 10  # readings not scored after a bridged gap or a resume from a snapshot
+    rewarm: int = 10  # readings not scored after a bridged gap (a crash and resume ends in one)
     clip_k: float = 1.0  # scaled readings are clipped to [-clip_k, 1 + clip_k]
 
     def __post_init__(self) -> None:
@@ -176,6 +176,6 @@ class DetectorSettings:
             f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
             f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold)",
             f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; {self.rewarm} "
-            f"readings not scored after a bridge or a resume; inputs clipped to "
+            f"readings not scored after a bridge; inputs clipped to "
             f"[{-self.clip_k:g}, {1 + self.clip_k:g}] scaled",
         ]
