@@ -7,7 +7,10 @@
 
 No timestamps: rows are evenly spaced, so they get one per second. Each
 channel becomes one :class:`~faultwatch.runtime.offline.csvdata.Table`, its
-train rows followed by its test rows; the model forecasts column 0 only.
+train rows followed by its test rows; the model forecasts column 0 only. The
+test array is a separate recording, so it starts ``RECORDING_GAP_S`` after
+the last train row: longer than any gap the engine bridges, the device starts
+over (zero state, warm-up) as it would on a new recording.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from faultwatch.runtime.offline.csvdata import DEFAULT_DEVICE, Table
 
 LABELS_FILE = "labeled_anomalies.csv"
 TARGET = "value"
+RECORDING_GAP_S = 10_000.0
 
 
 class TelemanomError(ValueError):
@@ -77,6 +81,7 @@ def channel_table(channel: Channel) -> tuple[Table, int]:
     columns = (TARGET, *(f"input_{i}" for i in range(1, values.shape[1])))
     digest = hashlib.sha256(channel.train.read_bytes() + channel.test.read_bytes()).hexdigest()
     table = Table(path=str(channel.test), sha256=digest, columns=columns,
-                  timestamps=np.arange(n, dtype=np.float64), devices=np.full(n, DEFAULT_DEVICE, object),
+                  timestamps=np.arange(n, dtype=np.float64) + RECORDING_GAP_S * (np.arange(n) >= len(train)),
+                  devices=np.full(n, DEFAULT_DEVICE, object),
                   values=values, labels={"anomaly": label})
     return table, len(train)
