@@ -69,8 +69,9 @@ class Engine:
         self.threshold = d.threshold if d.threshold is not None else c.calibration.threshold
         self.period_s = c.sample_period_s
         self.max_gap_s = d.max_gap_periods * c.sample_period_s
-        # Scaled readings are clipped to this range before they are scored and stepped (see
-        # DetectorSettings.clip_k): int8 activations are quantized over the whole batch.
+        # Scaled readings outside the first range step in a call of their own (int8 activations are
+        # quantized over the whole batch); all are clipped to the second (DetectorSettings).
+        self.isolate = (-d.isolate_k, 1.0 + d.isolate_k)
         self.clip = (-d.clip_k, 1.0 + d.clip_k)
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
@@ -280,14 +281,14 @@ class Engine:
         scaled = ((raw - self.offset) / self.scale).astype(np.float32)  # [B, F]
         finite = np.isfinite(raw)
         missing = None if _all(finite) else ~finite
-        lo, hi = self.clip
-        outside = np.count_nonzero((scaled < lo) | (scaled > hi))  # NaN compares False: not counted
-        if outside:
-            self.counters["clipped_values"] += int(outside)
-            scaled = np.clip(scaled, lo, hi)
         prev_forecast = pd["prev_forecast"][slots]  # [B, K]: what the model forecast for this reading
         if missing is not None:
             scaled = self._impute(scaled, missing, slots, has_prev, prev_forecast)
+        lo, hi = self.clip
+        outside = np.count_nonzero((scaled < lo) | (scaled > hi))  # NaN compares False
+        if outside:  # rare: an absurd value, far beyond any real excursion
+            self.counters["clipped_values"] += int(outside)
+            scaled = np.clip(scaled, lo, hi)
 
         # Score this reading against the forecast made one step earlier.
         residual = scaled[:, self.target_columns] - prev_forecast  # [B, K]
@@ -374,8 +375,25 @@ class Engine:
                 self.per_device["rewarm"][slots[skipped >= 1]] = self.decisions.rewarm
 
     def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Step the model for ``slots`` on scaled readings ``x`` [B, F]: gather their state rows
-        [1, B, H_i], run, scatter back; returns the forecast of the next reading [B, K] (scaled)."""
+        """Step the model for ``slots`` on scaled readings ``x`` [B, F]; returns the forecast of the
+        next reading [B, K] (scaled). A device with a reading outside the isolate range steps in a
+        call of its own, so its values cannot set the int8 quantization range of the others."""
+        lo, hi = self.isolate
+        wild = np.flatnonzero(((x < lo) | (x > hi)).any(axis=1)) if len(slots) > 1 else ()
+        if not len(wild):
+            return self._run(slots, x)
+        self.counters["isolated_steps"] += len(wild)
+        forecast = np.empty((len(slots), len(self.contract.targets)), np.float32)
+        tame = np.setdiff1d(np.arange(len(slots)), wild)
+        if len(tame):
+            forecast[tame] = self._run(slots[tame], x[tame])
+        for j in wild:
+            forecast[j] = self._run(slots[j:j + 1], x[j:j + 1])[0]
+        return forecast
+
+    def _run(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """One onnxruntime call: gather the state rows [1, B, H_i] of ``slots``, step on ``x``
+        [B, F], scatter back; returns the forecast [B, K] (scaled)."""
         pd = self.per_device.arrays
         states = [pd[name] for name in self.state_names]
         forecast, new_state = self.model.step(x[:, None, :], [s[slots][None] for s in states])

@@ -32,7 +32,7 @@ def test_a_file_without_a_detector_runs_with_the_legacy_settings_of_its_calibrat
     legacy = ModelContract.from_json(json.dumps(raw)).decisions
     assert (legacy.score_span, legacy.warmup, legacy.quantile, legacy.factor) == (7, 12, 0.99, 2.0)
     # Today's behaviour for such files: static threshold, no re-warm-up, no clipping.
-    assert (legacy.policy, legacy.rewarm) == ("static", 0) and legacy.clip_k >= 1e9
+    assert (legacy.policy, legacy.rewarm) == ("static", 0) and legacy.isolate_k >= 1e9
 
 
 def test_a_detector_measured_at_another_span_than_its_calibration_is_refused():
