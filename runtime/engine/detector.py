@@ -38,8 +38,9 @@ What each group decides (a reading goes through them in this order):
   periods resets the device (with ``warmup``); a shorter one is bridged with
   the model's own forecasts. After a bridge (also the one that follows a
   resume from a snapshot older than the last reading stepped before a crash)
-  the LSTM state has run on forecasts: the next ``rewarm`` readings step the
-  model but are not scored, so its catching-up error is never taken for a fault.
+  the LSTM state has run on forecasts: the next readings (as many as were
+  bridged, at most ``rewarm``) step the model but are not scored, so its
+  catching-up error is never taken for a fault.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class DetectorSettings:
     clear_m: int = 20  # cleared after clear_m calm readings in a row,
     clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold
     max_gap_periods: float = 60.0  # a longer silence (sample periods) resets the device's state
-    rewarm: int = 10  # readings not scored after a bridged gap (a crash and resume ends in one)
+    rewarm: int = 10  # after a bridged gap, as many readings as were bridged, up to this, are not scored
     isolate_k: float = 1.0  # a reading outside [-isolate_k, 1 + isolate_k] (scaled) steps alone
     clip_k: float = 1000.0  # readings are clipped to [-clip_k, 1 + clip_k] (scaled)
 
@@ -181,8 +182,8 @@ class DetectorSettings:
             f"threshold: {threshold}",
             f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
             f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold)",
-            f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; {self.rewarm} "
-            f"readings not scored after a bridge",
+            f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; after a bridge "
+            f"as many readings as were bridged (up to {self.rewarm}) are not scored",
             f"wild values (scaled): outside [{-self.isolate_k:g}, {1 + self.isolate_k:g}] stepped "
             f"alone, clipped to [{-self.clip_k:g}, {1 + self.clip_k:g}]",
         ]

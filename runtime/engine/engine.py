@@ -371,8 +371,12 @@ class Engine:
             skipped = np.where(known & ~gap, np.rint((ts - last) / self.period_s) - 1, 0)
             if (skipped >= 1).any():
                 self._bridge(slots, skipped.astype(np.int64))
-                # The state ran on its own forecasts: the next readings are stepped, not scored.
-                self.per_device["rewarm"][slots[skipped >= 1]] = self.decisions.rewarm
+                # The state ran on its own forecasts: as many readings as were bridged (at most
+                # rewarm) are stepped, not scored. SKAB's files skip a reading every ~20: a fixed
+                # re-warm-up of 10 left half their readings unscored.
+                bridged = skipped >= 1
+                pd_rewarm = self.per_device["rewarm"]
+                pd_rewarm[slots[bridged]] = np.minimum(skipped[bridged], self.decisions.rewarm)
 
     def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Step the model for ``slots`` on scaled readings ``x`` [B, F]; returns the forecast of the
