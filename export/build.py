@@ -226,7 +226,7 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
     if max_diff > tolerance:
         raise ExportError(f"parity failed, nothing written: streamed ONNX differs from torch by "
                           f"{max_diff:.3g} (tolerance {tolerance:g})")
-    worst = max(sessions, key=sessions.get)
+    worst = max(sessions, key=lambda name: sessions[name])
     if sessions[worst] > tolerance:
         raise ExportError(f"session check failed, nothing written: with {worst.replace('_', ' ')} the "
                           f"forecasts differ by {sessions[worst]:.3g} (tolerance {tolerance:g})")

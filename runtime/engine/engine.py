@@ -259,7 +259,7 @@ class Engine:
         keep = np.flatnonzero(fresh)
         results: list[Output | None] = [None] * len(batch)
         if len(keep):
-            outputs = self._step_fresh([batch[i] for i in keep], [devices[i] for i in keep],
+            outputs = self._step_fresh([batch[i] for i in keep.tolist()], [devices[i] for i in keep.tolist()],
                                        slots[keep], ts[keep], last[keep])
             for i, out in zip(keep, outputs, strict=True):
                 results[i] = out
