@@ -75,6 +75,7 @@ class DetectorSettings:
     window_n: int = 5
     clear_m: int = 20  # cleared after clear_m calm readings in a row,
     clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold
+    cooldown: int = 50  # readings after a clear in which no new fault is raised
     max_gap_periods: float = 60.0  # a longer silence (sample periods) resets the device's state
     rewarm: int = 10  # after a bridged gap, as many readings as were bridged, up to this, are not scored
     isolate_k: float = 1.0  # a reading outside [-isolate_k, 1 + isolate_k] (scaled) steps alone
@@ -88,7 +89,7 @@ class DetectorSettings:
             (self.threshold is None or self.threshold > 0, "threshold must be > 0 when given"),
             (self.policy in POLICIES, f"policy must be one of {', '.join(POLICIES)}"),
             (1 <= self.raise_k <= self.window_n <= 62, "need 1 <= raise_k <= window_n <= 62"),
-            (self.clear_m >= 1, "clear_m must be >= 1"),
+            (self.clear_m >= 1 and self.cooldown >= 0, "need clear_m >= 1 and cooldown >= 0"),
             (0 < self.clear_ratio <= 1, "clear_ratio must be in (0, 1]"),
             (self.max_gap_periods >= 1, "max_gap_periods must be >= 1"),
             (min(self.isolate_k, self.clip_k) > 0, "need isolate_k > 0 and clip_k > 0"),
@@ -120,7 +121,7 @@ class DetectorSettings:
         """What a model exported before the detector was stored gets: the span, warm-up and
         threshold rule of its calibration, every other decision as the runtime made it then."""
         return cls(score_span=score_span, warmup=warmup, quantile=quantile, factor=factor,
-                   spike=False, policy="static", clear_m=20, rewarm=0, isolate_k=1e9, clip_k=1e9)
+                   spike=False, policy="static", clear_m=20, cooldown=0, rewarm=0, isolate_k=1e9, clip_k=1e9)
 
     def with_overrides(self, overrides: dict[str, Any]) -> DetectorSettings:
         """These settings with the given fields replaced (a config's ``[engine.detector]``).
@@ -181,7 +182,8 @@ class DetectorSettings:
             + f"; warm-up {self.warmup} readings",
             f"threshold: {threshold}",
             f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
-            f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold)",
+            f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold); none raised for "
+            f"{self.cooldown} readings after a clear",
             f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; after a bridge "
             f"as many readings as were bridged (up to {self.rewarm}) are not scored",
             f"wild values (scaled): outside [{-self.isolate_k:g}, {1 + self.isolate_k:g}] stepped "

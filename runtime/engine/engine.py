@@ -103,7 +103,8 @@ class Engine:
         per_device.declare("rewarm", dtype=np.int64, on_reset=0)
         self.per_device = per_device
         self.scorer = Scorer(c.calibration.residual_std, d.score_span, d.warmup, per_device=per_device)
-        self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device)
+        self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device,
+                                      cooldown=d.cooldown)
         self.dynamic = (DynamicThreshold(d.dynamic, self.threshold, per_device=per_device)
                         if d.policy == "dynamic" else None)
         dc = c.detector_calibration
@@ -164,8 +165,9 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
-        # A snapshot written before "rewarm" existed still fits (nothing to re-warm in it).
-        saved = {"rewarm": np.zeros(len(devices), np.int64)} | dict(saved)
+        # A snapshot written before these existed still fits (nothing to re-warm, no recent clear).
+        saved = {"rewarm": np.zeros(len(devices), np.int64),
+                 "fault_since_clear": np.full(len(devices), 1 << 40, np.int64)} | dict(saved)
         self.per_device.check_fits(saved, len(devices))
         slots = np.array(self._slots(devices), dtype=np.int64)
         self.per_device.load(slots, saved)

@@ -43,7 +43,7 @@ from faultwatch.runtime.engine.devices import SlotArrays
 @dataclass(frozen=True)
 class LikelihoodSettings:
     window: float = 8640.0  # readings: the weight of a new score is 1 / window
-    tail: float = 1e-7  # anomalous beyond mean + z·sd, z = Φ⁻¹(1 − tail)
+    tail: float = 1e-8  # anomalous beyond mean + z·sd, z = Φ⁻¹(1 − tail) = 5.61
     floor: float = 0.4  # never below floor × the static threshold
 
     def __post_init__(self) -> None:
