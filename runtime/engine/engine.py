@@ -316,7 +316,14 @@ class Engine:
             threshold = float(self.threshold)
         anomalous = ready & (score > threshold)
         calm = ready & (score < self.decisions.clear_ratio * threshold)
-        change = self.detector.update(slots, anomalous, calm)
+        if np.count_nonzero(rewarming):
+            # A re-warming reading holds the detector as it is: it neither counts towards a raise
+            # nor breaks the calm run that clears a fault (SKAB skips a reading every ~20 rows).
+            change = np.zeros(len(slots), np.int8)
+            steady = ~rewarming
+            change[steady] = self.detector.update(slots[steady], anomalous[steady], calm[steady])
+        else:
+            change = self.detector.update(slots, anomalous, calm)
         # The dynamic threshold learns only from readings it did not flag: a sustained fault must
         # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
         # 70 % when it learned everything, 25 % like this).
