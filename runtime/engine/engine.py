@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from faultwatch.runtime.engine.calibration import spike_scores
@@ -308,6 +309,7 @@ class Engine:
         if self.spike_std is not None:  # the larger of the two scores, in the EWMA score's units
             score = np.maximum(score, self.spike_gain * spike_scores(residual, self.spike_std))
         ready = ready & ~rewarming
+        threshold: Any  # a float (static), or [B] per device (likelihood, dynamic)
         if self.likelihood is not None:
             threshold = self.likelihood.current(slots)
         elif self.dynamic is not None:
