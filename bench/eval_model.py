@@ -32,8 +32,9 @@ import onnx
 import torch
 from faultwatch.export.build import ExportOptions, export_model
 from faultwatch.export.onnx_graph import ExportError, with_contract
-from faultwatch.runtime.engine.calibration import calibrate, streamed_forecasts
+from faultwatch.runtime.engine.calibration import calibrate, calibrate_detector, streamed_forecasts
 from faultwatch.runtime.engine.contract import METADATA_KEY, ModelContract
+from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.offline.csvdata import Table
 from faultwatch.train.checkpoint import load_checkpoint, save_checkpoint
@@ -67,10 +68,6 @@ class BenchSpec:
     device: str = TrainOptions.device  # each worker process trains on it
     precision: str = TrainOptions.precision
     quantize: str = "int8"
-    score_span: int = 20
-    warmup: int = 30
-    quantile: float = 0.995
-    factor: float = 2.5
     fine_tune_epochs: int = 20
     fine_tune_lr: float = 2e-3
     calibrate_on: str = "all"  # or "held-out": only the validation part
@@ -105,7 +102,7 @@ def pretrain(table: Table, run_dir: Path, spec: BenchSpec, features: tuple[str, 
     return run_dir
 
 
-def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec) -> dict:
+def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec, detector: DetectorSettings) -> dict:
     """Calibrate the scorer with the exported model and rewrite its contract.
 
     ``held-out``: on the validation part only, the EWMA led in by the rows before it, so the
@@ -118,31 +115,35 @@ def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec) -> dict:
     idx = list(model.contract.target_index)
     # residuals[t] is reading t + 1 against the forecast made at reading t.
     residuals = [s[1:, idx] - f[:-1] for s, f in zip(series, forecasts, strict=True)]
+    d = detector
     if spec.calibrate_on == "held-out":
-        lead = 2 * spec.score_span
-        starts = [max(s.split - 1 - lead, spec.warmup) for s in prepared.series]
+        lead = 2 * d.score_span
+        starts = [max(s.split - 1 - lead, d.warmup) for s in prepared.series]
         residuals = [r[a:] for r, a in zip(residuals, starts, strict=True)]
         settle = [s.split - 1 - a for s, a in zip(prepared.series, starts, strict=True)]
-        calibration = calibrate(residuals, span=spec.score_span, warmup=spec.warmup,
-                                quantile=spec.quantile, factor=spec.factor, settle=min(settle))
+        calibration = calibrate(residuals, span=d.score_span, warmup=d.warmup,
+                                quantile=d.quantile, factor=d.factor, settle=min(settle))
+        detector_calibration = calibrate_detector(residuals, calibration, d, settle=min(settle))
     elif spec.calibrate_on == "all":
-        calibration = calibrate([r[spec.warmup:] for r in residuals], span=spec.score_span,
-                                warmup=spec.warmup, quantile=spec.quantile, factor=spec.factor)
+        calibration = calibrate([r[d.warmup:] for r in residuals], span=d.score_span,
+                                warmup=d.warmup, quantile=d.quantile, factor=d.factor)
+        detector_calibration = calibrate_detector([r[d.warmup:] for r in residuals], calibration, d)
     else:
         raise ValueError(f"calibrate_on must be 'held-out' or 'all', got {spec.calibrate_on!r}")
     proto = onnx.load(model_path)
     meta = {p.key: p.value for p in proto.metadata_props}
-    contract = replace(ModelContract.from_json(meta[METADATA_KEY]), calibration=calibration)
+    contract = replace(ModelContract.from_json(meta[METADATA_KEY]), calibration=calibration,
+                       detector_calibration=detector_calibration)
     contract = replace(contract, provenance=contract.provenance | {"calibrated_on": spec.calibrate_on})
     model_path.write_bytes(with_contract(proto, contract))
-    return asdict(calibration)
+    return asdict(calibration) | {"detector": asdict(detector_calibration)}
 
 
 def _train_once(prepared: Prepared, spec: BenchSpec, init: Path | None,
                 seed: int) -> tuple[TrainResult, TrainConfig]:
     if init is None:
         config = ForecasterConfig(n_features=len(prepared.features),
-                                  target_index=tuple(range(len(prepared.features))),
+                                  target_index=tuple(prepared.features.index(t) for t in prepared.targets),
                                   hidden=spec.hidden, dense=spec.dense, dropout=spec.dropout)
         tconfig = replace(_train_config(spec, spec.epochs, spec.lr), seed=seed)
         return fit(prepared, config, tconfig), tconfig
@@ -155,8 +156,10 @@ def _train_once(prepared: Prepared, spec: BenchSpec, init: Path | None,
 
 
 def fit_and_export(train: Table, out: Path, spec: BenchSpec, features: tuple[str, ...],
-                   init: Path | None = None) -> dict:
-    """Train on ``train`` (from scratch, or fine-tuning the run at ``init``), export to ``out``,
+                   init: Path | None = None, detector: DetectorSettings | None = None,
+                   targets: tuple[str, ...] | None = None) -> dict:
+    """Train on ``train`` (from scratch, or fine-tuning the run at ``init``) to forecast
+    ``targets`` (default: every feature), export to ``out`` with ``detector`` written into it,
     calibrate (:func:`recalibrate`). Returns what happened, for the report.
 
     Export refuses a quantized model whose streamed forecasts drift from torch's beyond its
@@ -165,7 +168,9 @@ def fit_and_export(train: Table, out: Path, spec: BenchSpec, features: tuple[str
     """
     started = time.monotonic()
     torch.set_num_threads(1)  # benchmark workers run side by side, one per core
-    prepared = prepare(train, features=list(features), val_fraction=spec.val_fraction)
+    detector = detector or DetectorSettings()
+    prepared = prepare(train, features=list(features), targets=list(targets) if targets else None,
+                       val_fraction=spec.val_fraction)
     refused = []
     for attempt in range(PARITY_ATTEMPTS):
         result, tconfig = _train_once(prepared, spec, init, spec.seed + attempt)
@@ -177,15 +182,14 @@ def fit_and_export(train: Table, out: Path, spec: BenchSpec, features: tuple[str
                              "protocol": "fine-tune" if init else "per-file",
                              "best_epoch": result.best_epoch, "val_loss": result.best_val_loss})
             try:
-                report = export_model(run_dir, out, ExportOptions(
-                    quantize=spec.quantize, quantile=spec.quantile, factor=spec.factor,
-                    score_span=spec.score_span, warmup=spec.warmup))
+                report = export_model(run_dir, out, ExportOptions(quantize=spec.quantize,
+                                                                  detector=detector))
                 break
             except ExportError as exc:
                 if "parity" not in str(exc) or attempt == PARITY_ATTEMPTS - 1:
                     raise
                 refused.append(str(exc))
-    calibration = recalibrate(out, prepared, spec)
+    calibration = recalibrate(out, prepared, spec, detector)
     return {
         "train_seconds": round(trained - started, 2),
         "export_seconds": round(time.monotonic() - trained, 2),

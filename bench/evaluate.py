@@ -2,6 +2,8 @@
 
     faultwatch eval skab DIR --out OUT [--pretrain]
     faultwatch eval nab CSV... --windows windows.json --out OUT
+    faultwatch eval telemanom DIR --out OUT
+    faultwatch eval csv CSV... (--train-rows N | --train-fraction F) --out OUT
 
 SKAB (Skoltech Anomaly Benchmark), its published protocol: every labelled CSV
 under DIR on its own; its first 400 rows train the forecaster and calibrate
@@ -15,10 +17,22 @@ NAB: each series trains on its probationary period (the first
 min(⌊0.15·N⌋, 750) rows) and streams the rest; detections are the faults
 raised, scored with NAB's standard, reward-low-FP and reward-low-FN profiles.
 
+telemanom (NASA SMAP/MSL layout, see ``bench.telemanom``): one model per
+channel, trained on its train array, forecasting column 0 from every column,
+then streamed over train and test; csv: any CSVs with an ``anomaly`` column,
+the first rows (``--train-rows``) or fraction (``--train-fraction``) train.
+
+Every model is exported with the same :class:`DetectorSettings` written into
+it, and the engine decides with what the file carries, as ``faultwatch run``
+and ``replay`` do. Every benchmark is also scored event-wise as telemanom
+scores (``bench.events``): ``metrics.json`` has ``events``.
+
 Files are processed in parallel worker processes (``--jobs``, one per core
 by default), each training with one torch thread. Output: ``OUT/metrics.json``,
 a table on stdout, ``OUT/index.html`` and an HTML page per file under
-``OUT/reports/``, the exported models under ``OUT/models/``.
+``OUT/reports/``, the exported models under ``OUT/models/NAME.onnx`` and each
+row's decision under ``OUT/rows/NAME.csv`` (``ts,score,anomalous,fault``:
+``faultwatch replay OUT/models/NAME.onnx FILE`` gives the same ``fault``).
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ from pathlib import Path
 import numpy as np
 from faultwatch.bench import nab
 from faultwatch.bench.eval_file import DETECTORS, LABELS, EvalOptions, FileJob, evaluate_file
+from faultwatch.bench.events import event_metrics
+from faultwatch.bench.telemanom import find_channels
 from faultwatch.runtime.offline.csvdata import read_csv
 from faultwatch.runtime.offline.replay import point_metrics
 
@@ -110,7 +126,9 @@ def aggregate(files: list[dict], detector: str) -> dict | None:
             total = total + nab.NabResult(**r["nab"][profile])
         nab_total[profile] = total
     delays = [d for r in rows for d in r["delays_s"]]
+    events = event_metrics(**{k: sum(r["events"][k] for r in rows) for k in ("tp", "fp", "fn")})
     return counts | point_metrics(**counts) | {
+        "events": events,
         "nab": {p: round(t.normalized, 2) for p, t in nab_total.items()},
         "nab_raw": {p: asdict(t) for p, t in nab_total.items()},
         "faults_raised": sum(r["faults_raised"] for r in rows),
@@ -126,6 +144,8 @@ def summary_table(results: dict[str, dict[str, dict]]) -> list[dict]:
             rows.append({
                 "protocol": protocol, "detector": LABELS[detector], "F1": f"{m['f1']:.3f}",
                 "FAR %": f"{100 * m['far']:.2f}", "MAR %": f"{100 * m['mar']:.2f}",
+                "ev P": f"{m['events']['precision']:.3f}", "ev R": f"{m['events']['recall']:.3f}",
+                "ev F1": f"{m['events']['f1']:.3f}",
                 "NAB std": f"{m['nab']['standard']:.1f}", "low FP": f"{m['nab']['reward_low_FP']:.1f}",
                 "low FN": f"{m['nab']['reward_low_FN']:.1f}", "faults": m["faults_raised"],
                 "TP": m["tp"], "FP": m["fp"], "FN": m["fn"], "TN": m["tn"],
@@ -160,20 +180,19 @@ def _write_outputs(out: Path, benchmark: str, subtitle: str, files: list[dict], 
                for p in protocols}
     results = {p: r for p, r in results.items() if r}
     head_protocol = protocols[0] if protocols[0] in results else next(iter(results))
-    head = results[head_protocol][options.headline]
+    head = results[head_protocol]["lstm"]
     metrics = {
         "benchmark": benchmark,
-        "headline": {"protocol": head_protocol, "detector": options.headline,
-                     "label": LABELS[options.headline],
+        "headline": {"protocol": head_protocol, "detector": "lstm", "label": LABELS["lstm"],
                      "quantize": options.spec.get("quantize", "int8")},
-        **{k: head[k] for k in ("f1", "far", "mar", "tp", "fp", "fn", "tn", "nab")},
+        **{k: head[k] for k in ("f1", "far", "mar", "tp", "fp", "fn", "tn", "nab", "events")},
         "results": results,
         "files": files,
         "failed": failed,
-        "options": {"train_rows": options.train_rows, "changepoint_window_s": options.changepoint_window_s,
-                    "engine": asdict(options.engine), "dynamic_threshold": asdict(options.dynamic),
-                    "spec": options.spec, "zscore_window": options.zscore_window,
-                    "headline": options.headline},
+        "options": {"train_rows": options.train_rows, "train_fraction": options.train_fraction,
+                    "changepoint_window_s": options.changepoint_window_s,
+                    "detector": options.detector.to_dict(), "engine": asdict(options.engine),
+                    "spec": options.spec, "zscore_window": options.zscore_window},
         "seconds": round(time.monotonic() - started, 1),
     } | extra
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +204,7 @@ def _write_outputs(out: Path, benchmark: str, subtitle: str, files: list[dict], 
     say("")
     say(subtitle)
     say(format_table(table))
-    say(f"headline (metrics.json top level): {head_protocol} protocol, {LABELS[options.headline]}")
+    say(f"headline (metrics.json top level): {head_protocol} protocol, {LABELS['lstm']}")
     for f in failed:
         say(f"FAILED, not counted above: {f['name']} ({f['protocol']}): {f['error']}")
     say(f"metrics → {out / 'metrics.json'}; report → {out / 'index.html'} "
@@ -199,8 +218,10 @@ def _progress(say: Callable[[str], None], detector: str) -> Callable[[dict], Non
             say(f"  {r['name']:<24} {r['protocol']:<9} FAILED: {r['error']}")
             return
         m = r["detectors"][detector]
+        ev = m["events"]
         say(f"  {r['name']:<24} {r['protocol']:<9} F1 {m['f1']:.3f}  FAR {100 * m['far']:5.1f}%  "
-            f"MAR {100 * m['mar']:5.1f}%  faults {m['faults_raised']}  ({r['seconds']:.1f} s)")
+            f"MAR {100 * m['mar']:5.1f}%  events TP {ev['tp']} FP {ev['fp']} FN {ev['fn']}  "
+            f"faults {m['faults_raised']}  ({r['seconds']:.1f} s)")
     return done
 
 
@@ -229,8 +250,8 @@ def run_skab(root: Path, out: Path, options: EvalOptions, *, pretrain: bool = Fa
         job_list += [FileJob("skab", f, names[f], "pretrain", out, no_baselines, init=init) for f in files]
     workers = jobs or default_jobs()
     say(f"SKAB: {len(files)} files under {root}, {len(protocols)} protocol(s), {workers} worker(s); "
-        f"per file: {LABELS[options.headline]}")
-    results = run_jobs(job_list, workers, _progress(say, options.headline))
+        f"per file: {LABELS['lstm']}")
+    results = run_jobs(job_list, workers, _progress(say, "lstm"))
     n_test = sum(r.get("test_rows", 0) for r in results if r["protocol"] == "per-file")
     subtitle = (f"SKAB, {len(files)} files, {n_test:,} test rows; per-file protocol: first "
                 f"{options.train_rows} rows of each file train + calibrate")
@@ -270,8 +291,48 @@ def run_nab(csvs: list[Path], windows_path: Path, out: Path, options: EvalOption
     job_list = [FileJob("nab", c, c.stem, "per-file", out, options, windows=tuple(windows[c.name]))
                 for c in csvs]
     workers = jobs or default_jobs()
-    say(f"NAB: {len(csvs)} series, {workers} worker(s); per series: {LABELS[options.headline]}")
-    results = run_jobs(job_list, workers, _progress(say, options.headline))
+    say(f"NAB: {len(csvs)} series, {workers} worker(s); per series: {LABELS['lstm']}")
+    results = run_jobs(job_list, workers, _progress(say, "lstm"))
     subtitle = (f"NAB, {len(csvs)} series; each trains on its probationary period and streams the rest; "
                 "detections are faults raised (normalised: null detector 0, perfect 100)")
     return _write_outputs(out, "nab", subtitle, results, options, ["per-file"], started, {}, say)
+
+
+def run_telemanom(root: Path, out: Path, options: EvalOptions, *, jobs: int = 0,
+                  say: Callable[[str], None] = print) -> dict:
+    """One model per channel of a telemanom folder; scored point-wise and event-wise."""
+    started = time.monotonic()
+    try:
+        channels = find_channels(root)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    job_list = [FileJob("telemanom", c.test, c.name, "per-file", out, options, channel=c) for c in channels]
+    workers = jobs or default_jobs()
+    say(f"telemanom: {len(channels)} channels under {root}, {workers} worker(s); "
+        f"per channel: {LABELS['lstm']}")
+    results = run_jobs(job_list, workers, _progress(say, "lstm"))
+    sequences = sum(len(c.sequences) for c in channels)
+    subtitle = (f"telemanom layout, {len(channels)} channels, {sequences} labelled sequences; each trains "
+                "on its train array (forecasting column 0) and streams train then test")
+    return _write_outputs(out, "telemanom", subtitle, results, options, ["per-file"], started, {}, say)
+
+
+def run_csv(csvs: list[Path], out: Path, options: EvalOptions, *, jobs: int = 0,
+            say: Callable[[str], None] = print) -> dict:
+    """Any labelled CSVs (an ``anomaly`` column; timestamps optional), each on its own."""
+    started = time.monotonic()
+    missing = [c for c in csvs if not c.is_file()]
+    if missing:
+        raise EvalError(f"{missing[0]}: no such file")
+    names = [c.stem for c in csvs]
+    if len(set(names)) != len(names):  # same stem in two folders: keep the folder in the name
+        names = [str(c.with_suffix("")).strip("/").replace("/", "_") for c in csvs]
+    job_list = [FileJob("csv", c, n, "per-file", out, options) for c, n in zip(csvs, names, strict=True)]
+    workers = jobs or default_jobs()
+    split = (f"first {100 * options.train_fraction:g}% of rows" if options.train_fraction is not None
+             else f"first {options.train_rows} rows")
+    say(f"csv: {len(csvs)} file(s), {workers} worker(s); per file: {LABELS['lstm']}")
+    results = run_jobs(job_list, workers, _progress(say, "lstm"))
+    subtitle = (f"{len(csvs)} labelled CSV file(s); the {split} of each train and calibrate, "
+                "the rest is scored")
+    return _write_outputs(out, "csv", subtitle, results, options, ["per-file"], started, {}, say)

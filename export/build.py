@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,14 @@ from faultwatch.export.onnx_graph import (
     to_onnx,
     with_contract,
 )
-from faultwatch.runtime.engine.calibration import calibrate, held_out_residuals, streamed_forecasts
+from faultwatch.runtime.engine.calibration import (
+    calibrate,
+    calibrate_detector,
+    held_out_residuals,
+    streamed_forecasts,
+)
 from faultwatch.runtime.engine.contract import READINGS, Calibration, ModelContract
+from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.version import VERSION
 from faultwatch.train.checkpoint import load_checkpoint
@@ -52,10 +58,8 @@ LATENCY_STEPS = 300
 @dataclass(frozen=True)
 class ExportOptions:
     quantize: str = "int8"
-    quantile: float = 0.995
-    factor: float = 1.5
-    score_span: int = 5
-    warmup: int = 30
+    # Every decision the runtime will make from this model's scores; written into the file.
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
 
 
 def _umask() -> int:
@@ -152,8 +156,9 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
         "opset": OPSET, "exported_with": VERSION,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # The draft only streams forecasts to calibrate on; a valid contract needs a finite threshold.
-    placeholder = Calibration((1.0,) * len(prepared.targets), 1.0, options.quantile,
-                              options.factor, options.score_span, options.warmup, 0)
+    detector = options.detector
+    placeholder = Calibration((1.0,) * len(prepared.targets), 1.0, detector.quantile,
+                              detector.factor, detector.score_span, detector.warmup, 0)
     architecture = {
         "peephole": model.config.peephole, "dense": model.config.dense,
         "parameters": [[name, count] for name, count in model.parameter_table()],  # in layer order
@@ -164,7 +169,7 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
         cell=model.config.cell, hidden=model.config.hidden, features=prepared.features,
         targets=prepared.targets, scaler=prepared.scaler, calibration=placeholder,
         quantization=options.quantize, sample_period_s=prepared.sample_period_s,
-        provenance=provenance, architecture=architecture,
+        provenance=provenance, architecture=architecture, detector=detector,
     )
     fp32 = to_onnx(model, contract)
     proto = _convert(fp32, options.quantize, prepared, contract)
@@ -180,15 +185,16 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
         latency = {"model": step_latency_us(step_model), "fp32": step_latency_us(StepModel(reference))}
     idx = list(model.config.target_index)
     residuals = held_out_residuals(series, splits, ort_forecasts, idx)
-    calibration = calibrate(residuals, span=options.score_span, warmup=options.warmup,
-                            quantile=options.quantile, factor=options.factor)
+    calibration = calibrate(residuals, span=detector.score_span, warmup=detector.warmup,
+                            quantile=detector.quantile, factor=detector.factor)
+    detector_calibration = calibrate_detector(residuals, calibration, detector)
     # Parity on the held-out parts: torch, whole sequence vs ONNX, one reading per call.
     torch_forecasts = _torch_forecasts(model, series)
     max_diff = float(max(np.abs(tf[sp:] - of[sp:]).max()
                          for sp, tf, of in zip(splits, torch_forecasts, ort_forecasts, strict=True)))
     rmse_torch = _rmse(held_out_residuals(series, splits, torch_forecasts, idx))
     rmse_onnx = _rmse(residuals)
-    contract = replace(contract, calibration=calibration)
+    contract = replace(contract, calibration=calibration, detector_calibration=detector_calibration)
     data = with_contract(proto, contract)
     fp32_data = with_contract(fp32, replace(contract, quantization="none"))
     final = onnx.load_from_string(data)
@@ -224,6 +230,7 @@ def export_model(run_dir: Path, out: Path, options: ExportOptions) -> dict:
         # session setting (int8: a fused kernel may round differently from the unfused one)
         "sessions": sessions,
         "calibration": asdict(calibration),
+        "detector": detector.to_dict(),
     }
     if options.quantize in ("int8", "int8-static"):
         report["int8_targets"] = INT8_TARGETS | {

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from faultwatch.runtime.engine.detector import POLICIES
 from faultwatch.runtime.version import VERSION
 
 # Torch-free: the training options' flags, help and defaults are built from its fields.
@@ -116,9 +117,15 @@ def cmd_tune(args) -> int:
 
 def cmd_export(args) -> int:
     from faultwatch.export.build import ExportOptions, export_model
+    from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
-    options = ExportOptions(quantize=args.quantize, quantile=args.quantile, factor=args.factor,
-                            score_span=args.span, warmup=args.warmup)
+    try:
+        given = {"quantile": args.quantile, "factor": args.factor, "score_span": args.span,
+                 "warmup": args.warmup, "policy": args.threshold}
+        detector = DetectorSettings(**{k: v for k, v in given.items() if v is not None})
+    except DetectorSettingsError as exc:
+        raise UserError(str(exc)) from None
+    options = ExportOptions(quantize=args.quantize, detector=detector)
     report = export_model(Path(args.run_dir), Path(args.out), options)
     p, lat = report["parity"], report["latency_us_per_step_batch1"]
     print(f"exported {report['model']} ({report['quantize']}, {report['size_bytes']:,} bytes = "
@@ -131,8 +138,8 @@ def cmd_export(args) -> int:
           f"session options, full and no graph optimisation (forecasts within "
           f"{max(report['sessions'].values()):.1e} of each other)")
     print(f"threshold {report['calibration']['threshold']:.4g} "
-          f"(q{report['calibration']['quantile']} × {report['calibration']['factor']}); "
-          f"report → {Path(args.out).with_suffix('.report.json')}")
+          f"(q{report['calibration']['quantile']} × {report['calibration']['factor']}, "
+          f"{detector.policy}); report → {Path(args.out).with_suffix('.report.json')}")
     return 0
 
 
@@ -193,23 +200,43 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from faultwatch.bench.eval_file import EvalOptions
-    from faultwatch.bench.evaluate import run_nab, run_skab
+    from faultwatch.bench.evaluate import run_csv, run_nab, run_skab, run_telemanom
+    from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
-    spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs), ("score_span", args.span),
-                              ("quantile", args.quantile), ("factor", args.factor),
+    spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs),
                               ("device", args.device), ("precision", args.precision)) if v is not None}
     if args.device is not None or args.precision is not None:
         from faultwatch.train.device import resolve_device
 
         # Refused here, in one line, rather than once per file in the worker processes.
         resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
-    options = EvalOptions(spec=spec, baselines=not args.no_baselines, reports=not args.no_reports,
-                          headline="lstm" if args.threshold == "static" else "lstm-dynamic",
-                          **({"train_rows": args.train_rows} if args.benchmark == "skab" else {}))
+    given = {"score_span": args.span, "quantile": args.quantile, "factor": args.factor,
+             "policy": args.threshold}
+    try:
+        detector = DetectorSettings(**{k: v for k, v in given.items() if v is not None})
+    except DetectorSettingsError as exc:
+        raise UserError(str(exc)) from None
+    split = {}
+    if args.benchmark in ("skab", "csv") and args.train_rows is not None:
+        split["train_rows"] = args.train_rows
+    if args.benchmark == "csv":
+        if (args.train_rows is None) == (args.train_fraction is None):
+            raise UserError("give one of --train-rows N or --train-fraction F")
+        if args.train_fraction is not None:
+            if not 0 < args.train_fraction < 1:
+                raise UserError(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
+            split["train_fraction"] = args.train_fraction
+    options = EvalOptions(spec=spec, detector=detector, baselines=not args.no_baselines,
+                          reports=not args.no_reports, **split)
+    out = Path(args.out)
     if args.benchmark == "skab":
-        run_skab(Path(args.dir), Path(args.out), options, pretrain=args.pretrain, jobs=args.jobs)
+        run_skab(Path(args.dir), out, options, pretrain=args.pretrain, jobs=args.jobs)
+    elif args.benchmark == "nab":
+        run_nab([Path(c) for c in args.csv], Path(args.windows), out, options, jobs=args.jobs)
+    elif args.benchmark == "telemanom":
+        run_telemanom(Path(args.dir), out, options, jobs=args.jobs)
     else:
-        run_nab([Path(c) for c in args.csv], Path(args.windows), Path(args.out), options, jobs=args.jobs)
+        run_csv([Path(c) for c in args.csv], out, options, jobs=args.jobs)
     return 0
 
 
@@ -309,10 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quantize", default="int8", metavar="MODE",
                    help="none, int8 (dynamic), int8-static (QDQ, calibrated on training readings) or fp16")
-    p.add_argument("--quantile", type=float, default=0.995, help="threshold quantile of normal scores")
-    p.add_argument("--factor", type=float, default=1.5, help="threshold = factor × quantile")
-    p.add_argument("--span", type=int, default=5, help="EWMA span of the score")
-    p.add_argument("--warmup", type=int, default=30, help="readings after a reset with no faults")
+    # Detector settings written into the model; each defaults to DetectorSettings' own default.
+    p.add_argument("--quantile", type=float, help="threshold quantile of normal scores")
+    p.add_argument("--factor", type=float, help="static threshold = factor × quantile")
+    p.add_argument("--span", type=int, help="EWMA span of the score")
+    p.add_argument("--warmup", type=int, help="readings after a reset with no faults")
+    p.add_argument("--threshold", choices=("static", "dynamic"), help="threshold policy")
     p.set_defaults(func=cmd_export, needs_torch=True)
 
     p = sub.add_parser("inspect", help="print a model's contract")
@@ -341,31 +370,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo, needs_torch=True)
 
-    p = sub.add_parser("eval", help="benchmark the runtime on SKAB or NAB, with baselines "
-                       "(needs faultwatch[train])")
+    p = sub.add_parser("eval", help="benchmark the runtime on labelled data (SKAB, NAB, telemanom, "
+                       "any CSV), with baselines (needs faultwatch[train])")
     bench = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, help_text in (("skab", "SKAB: each labelled CSV under DIR, its first rows train"),
-                            ("nab", "NAB series: each trains on its probationary period")):
+                            ("nab", "NAB series: each trains on its probationary period"),
+                            ("telemanom", "telemanom layout (train/ test/ labeled_anomalies.csv): "
+                             "one model per channel"),
+                            ("csv", "any CSVs with an 'anomaly' column: the first rows train")):
         q = bench.add_parser(name, help=help_text)
+        if name in ("skab", "telemanom"):
+            q.add_argument("dir", help="folder of SKAB CSVs (searched recursively)" if name == "skab"
+                           else "folder with train/CHAN.npy, test/CHAN.npy, labeled_anomalies.csv")
         if name == "skab":
-            q.add_argument("dir", help="folder of SKAB CSVs (searched recursively)")
             q.add_argument("--pretrain", action="store_true",
                            help="also: pretrain on anomaly-free.csv, fine-tune per file (both reported)")
-            q.add_argument("--train-rows", type=int, default=400, help="rows of each file that train (400)")
-        else:
+        if name in ("skab", "csv"):
+            q.add_argument("--train-rows", type=int, help="rows of each file that train (skab: 400)")
+        if name == "csv":
+            q.add_argument("csv", nargs="+", help="CSV files (timestamp column optional)")
+            q.add_argument("--train-fraction", type=float, help="or this fraction of each file's rows")
+        if name == "nab":
             q.add_argument("csv", nargs="+", help="NAB series (timestamp,value)")
             q.add_argument("--windows", required=True, help="NAB's windows JSON (combined_windows.json)")
-        q.add_argument("--out", required=True, help="folder for metrics.json, reports and models")
+        q.add_argument("--out", required=True, help="folder for metrics.json, reports, models, rows")
         q.add_argument("--quantize", choices=("none", "int8", "int8-static", "fp16"),
                        help="exported model precision (int8)")
         q.add_argument("--jobs", type=int, default=0, help="worker processes (0 = one per core)")
         q.add_argument("--epochs", type=int, help="training epochs per file, at most (80)")
         _device_flags(q)
-        q.add_argument("--span", type=int, help="EWMA span of the score (20)")
-        q.add_argument("--quantile", type=float, help="threshold quantile of training scores (0.995)")
-        q.add_argument("--factor", type=float, help="threshold = factor × quantile (2.5)")
-        q.add_argument("--threshold", choices=("dynamic", "static"), default="dynamic",
-                       help="which LSTM decision metrics.json leads with (both are measured; dynamic)")
+        # Detector settings written into every model; each defaults to DetectorSettings' default.
+        q.add_argument("--span", type=int, help="EWMA span of the score")
+        q.add_argument("--quantile", type=float, help="threshold quantile of training scores")
+        q.add_argument("--factor", type=float, help="static threshold = factor × quantile")
+        q.add_argument("--threshold", choices=POLICIES, help="threshold policy (likelihood)")
         q.add_argument("--no-baselines", action="store_true", help="skip the z-score and HST baselines")
         q.add_argument("--no-reports", action="store_true", help="skip the HTML pages")
     p.set_defaults(func=cmd_eval, needs_torch=True)

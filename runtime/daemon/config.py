@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from faultwatch.runtime.daemon.config_checks import cross_key_problems, listen_problem
-from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS
 
 
 class ConfigError(ValueError):
@@ -95,13 +94,9 @@ class EngineConfig:
     max_batch: int = 1024
     max_latency_ms: float = 5.0  # how long the engine waits to fill a batch
     threads: int = 1  # onnxruntime intra-op threads
-    threshold: float = 0.0  # 0 = the model's calibrated threshold
-    warmup: int = -1  # -1 = the model's
-    raise_k: int = 3
-    window_n: int = 5
-    clear_m: int = 30
-    clear_ratio: float = 0.8
-    max_gap_periods: float = 60.0
+    # [engine.detector]: overrides of single fields of the detector the model carries
+    # (faultwatch.runtime.engine.detector.DetectorSettings); empty = run the model's own.
+    detector: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -196,13 +191,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "engine.max_batch": (1, 65_536),
     "engine.max_latency_ms": (0, 10_000),
     "engine.threads": (1, 64),
-    "engine.threshold": (0, 1e9),
-    "engine.warmup": (-1, 1_000_000),
-    "engine.raise_k": (1, 62),
-    "engine.window_n": (1, 62),
-    "engine.clear_m": (1, 1_000_000),
-    "engine.clear_ratio": (0.01, 1),
-    "engine.max_gap_periods": (1, MAX_GAP_PERIODS),
     "metrics.per_device_max": (0, 10_000),
     "reload.min_interval_s": (0, 3600),
 }

@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from faultwatch.runtime.daemon.topics import TopicError, TopicMatcher
+from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
 if TYPE_CHECKING:
     from faultwatch.runtime.daemon.config import BrokerConfig, Config
@@ -49,6 +50,10 @@ def readable_file(path: str, where: str) -> str | None:
 def cross_key_problems(config: Config) -> list[str]:
     """Every check across keys, after every key was checked alone; normalises ``log_level``."""
     problems: list[str] = []
+    try:  # names, types and ranges; the model's own settings are only known once it is loaded
+        DetectorSettings().with_overrides(config.engine.detector)
+    except DetectorSettingsError as exc:
+        problems.append(f"engine.{exc}")
     topics = config.topics
     if not 1 <= len(topics) <= MAX_TOPICS:
         problems.append(f"input.topic: give 1 to {MAX_TOPICS} templates")
@@ -66,8 +71,6 @@ def cross_key_problems(config: Config) -> list[str]:
                         f"got {config.log_level!r}")
     if config.log.format not in LOG_FORMATS:
         problems.append(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
-    if config.engine.raise_k > config.engine.window_n:
-        problems.append("engine.raise_k must be <= engine.window_n")
     if config.input.partition >= config.input.partitions:
         problems.append(f"input.partition = {config.input.partition} must be below input.partitions = "
                         f"{config.input.partitions} (partitions are numbered from 0)")

@@ -57,12 +57,8 @@ OUT_BACKLOG = 4 << 20  # bytes queued for paho's network thread before the engin
 def engine_settings(config: Config) -> EngineSettings:
     """The engine the daemon runs, from its config (a replay of the same readings uses it too)."""
     e = config.engine
-    return EngineSettings(
-        max_devices=e.max_devices, max_batch=e.max_batch,
-        threshold=e.threshold or None, warmup=None if e.warmup < 0 else e.warmup,
-        raise_k=e.raise_k, window_n=e.window_n, clear_m=e.clear_m, clear_ratio=e.clear_ratio,
-        max_gap_periods=e.max_gap_periods,
-    )
+    # The decisions come from the model file; [engine.detector] overrides single fields of them.
+    return EngineSettings(max_devices=e.max_devices, max_batch=e.max_batch, detector=dict(e.detector))
 
 
 class Daemon:

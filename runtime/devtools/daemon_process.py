@@ -30,12 +30,20 @@ from pathlib import Path
 _METRICS_LINE = re.compile(r"metrics on http://[\d.]+:(\d+)/metrics")
 
 
+def _toml_value(v) -> str:
+    """JSON scalars and string lists are valid TOML; a dict becomes an inline table."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 def toml_text(sections: dict) -> str:
-    """TOML from a dict: scalars and string lists at the top, then one table per dict value."""
-    top = [f"{k} = {json.dumps(v)}" for k, v in sections.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+    """TOML from a dict: scalars and string lists at the top, then one table per dict value
+    (a dict inside it, such as ``engine.detector``, an inline table)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
               for k, v in sections.items() if isinstance(v, dict)]
-    return "\n".join(top + tables) + "\n"  # JSON scalars and string lists are valid TOML
+    return "\n".join(top + tables) + "\n"
 
 
 def _wait(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> object:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from faultwatch.runtime.engine.contract import Calibration
+from faultwatch.runtime.engine.contract import Calibration, DetectorCalibration
+from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.engine.scoring import ewma_variance, smoothed_scores
 
@@ -120,3 +121,32 @@ def calibrate(
         warmup=warmup,
         n_scores=len(scores),
     )
+
+
+def spike_scores(residuals: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """The unsmoothed score of residuals [N, K]: RMS over the measured channels of
+    residual / spread → [N] (0 where nothing is measured)."""
+    z2 = (np.asarray(residuals, dtype=np.float64) / spread) ** 2  # [N, K]
+    measured = np.isfinite(z2)
+    count = measured.sum(axis=-1)
+    return np.sqrt(np.where(measured, z2, 0.0).sum(axis=-1) / np.maximum(count, 1))
+
+
+def calibrate_detector(residuals: Sequence[np.ndarray], calibration: Calibration,
+                       detector: DetectorSettings, settle: int | None = None) -> DetectorCalibration:
+    """The spike score's spread and threshold, and the distribution of the detector's score
+    relative to the static threshold, on the same rows :func:`calibrate` used."""
+    residuals = [np.asarray(r, dtype=np.float64) for r in residuals if len(r)]
+    skip = calibration.warmup if settle is None else settle
+    spread = np.maximum(long_run_spread(residuals, 1, settle=0), 1e-6)  # [K] plain RMS
+    a = [smoothed_scores(r, calibration.residual_std, calibration.score_span)[min(skip, len(r) // 2):]
+         for r in residuals]
+    b = [spike_scores(r, spread)[min(skip, len(r) // 2):] for r in residuals]
+    a_all, b_all = np.concatenate(a), np.concatenate(b)
+    spike_threshold = max(float(np.quantile(b_all, detector.quantile) * detector.factor), 1e-9)
+    ratio = a_all / calibration.threshold
+    if detector.spike:
+        ratio = np.maximum(ratio, b_all / spike_threshold)
+    return DetectorCalibration(spike_residual_std=tuple(float(v) for v in spread),
+                               spike_threshold=spike_threshold, ratio_mean=float(ratio.mean()),
+                               ratio_var=float(ratio.var()))

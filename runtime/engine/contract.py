@@ -17,8 +17,10 @@ The step graph runs ``T`` time steps for ``B`` devices at once::
 
 Metadata (ONNX ``metadata_props``, all values are strings, JSON where
 structured) carries everything else the runtime needs: the feature names,
-the scaler, the residual spread per target, the threshold calibration and
-the provenance of the model.
+the scaler, the residual spread per target, the threshold calibration, the
+detector's decision settings (:class:`DetectorSettings`: a file without them
+gets the settings the runtime used before they were stored) and the
+provenance of the model.
 
 Compatibility: a reader ignores keys it does not know and gives fields that a
 file lacks their defaults, so optional fields (like ``architecture``) can be
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
 #: Bumped when a change would make an older runtime misread a newer model.
 CONTRACT_VERSION = 1
@@ -124,6 +127,23 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class DetectorCalibration:
+    """What the detector's spike score and likelihood threshold need, measured with the exported
+    model on the same normal rows as :class:`Calibration` (``runtime.engine.calibration``).
+
+    ``spike_residual_std`` [K]: each target's plain error RMS (scaled units), the spread of the
+    unsmoothed score; ``spike_threshold``: factor × quantile of that score; ``ratio_mean`` and
+    ``ratio_var``: mean and variance of ``x`` = the detector's score over the static threshold,
+    where each device's likelihood estimate starts.
+    """
+
+    spike_residual_std: tuple[float, ...]
+    spike_threshold: float
+    ratio_mean: float
+    ratio_var: float
+
+
+@dataclass(frozen=True)
 class ModelContract:
     """Everything the runtime needs to run and interpret a faultwatch model."""
 
@@ -139,6 +159,18 @@ class ModelContract:
     #: Descriptive only (the runtime needs none of it): peephole, dense width, parameters per layer...
     architecture: dict[str, Any] = field(default_factory=dict)
     version: int = CONTRACT_VERSION
+    #: Every decision the runtime makes from the score (None: the legacy settings of the calibration).
+    detector: DetectorSettings | None = None
+    #: The spike score's spread and threshold and where the likelihood starts (None: not measured).
+    detector_calibration: DetectorCalibration | None = None
+
+    @property
+    def decisions(self) -> DetectorSettings:
+        """The detector settings this model runs with (the legacy ones for an older file)."""
+        if self.detector is not None:
+            return self.detector
+        c = self.calibration
+        return DetectorSettings.legacy(c.score_span, c.warmup, c.quantile, c.factor)
 
     @property
     def has_cell_state(self) -> bool:
@@ -210,7 +242,12 @@ class ModelContract:
                 provenance=dict(raw.get("provenance", {})),
                 architecture=dict(raw.get("architecture", {})),
                 version=version,
+                detector=(DetectorSettings.from_dict(raw["detector"])
+                          if isinstance(raw.get("detector"), dict) else None),
+                detector_calibration=_detector_calibration(raw.get("detector_calibration")),
             )
+        except DetectorSettingsError as exc:
+            raise ContractError(f"{METADATA_KEY}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"{METADATA_KEY} is missing or has a malformed field: "
                                 f"{type(exc).__name__} {exc}") from None
@@ -252,6 +289,17 @@ class ModelContract:
             value = getattr(cal, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ContractError(f"calibration.{name} must be a whole number >= {least}, got {value!r}")
+        dc = self.detector_calibration
+        if dc is not None:
+            if len(dc.spike_residual_std) != len(self.targets):
+                raise ContractError("detector_calibration.spike_residual_std must have one entry per target")
+            _positive("detector_calibration.spike_residual_std", dc.spike_residual_std)
+            _positive("detector_calibration.spike_threshold", (dc.spike_threshold,))
+            _finite("detector_calibration.ratio_mean", (dc.ratio_mean,))
+            _positive("detector_calibration.ratio_var", (dc.ratio_var,))
+        if self.detector is not None and self.detector.score_span != self.calibration.score_span:
+            raise ContractError(f"detector.score_span {self.detector.score_span} differs from the "
+                                f"span the calibration was measured at ({self.calibration.score_span})")
 
 
 def _numbers(name: str, values: tuple) -> np.ndarray:
@@ -270,3 +318,11 @@ def _positive(name: str, values: tuple) -> None:
     a = _numbers(name, values)
     if not (np.isfinite(a) & (a > 0)).all():
         raise ContractError(f"{name} must be finite and > 0, got {list(values)[:4]}")
+
+
+def _detector_calibration(raw: Any) -> DetectorCalibration | None:
+    if not isinstance(raw, dict):
+        return None
+    return DetectorCalibration(spike_residual_std=tuple(float(v) for v in raw["spike_residual_std"]),
+                               spike_threshold=float(raw["spike_threshold"]),
+                               ratio_mean=float(raw["ratio_mean"]), ratio_var=float(raw["ratio_var"]))

@@ -1,6 +1,10 @@
 """The streaming engine: one model step per reading, for many devices at once.
 
 The daemon, ``replay`` and ``eval`` all go through :meth:`Engine.process`.
+Every decision (score span, threshold policy, raise/clear, warm-up, gaps,
+clipping) comes from the :class:`DetectorSettings` the model file carries;
+:class:`EngineSettings` may override single fields of it and otherwise holds
+only what does not decide (capacity, batch size, how many channels an event names).
 Every device owns a slot: a row in the per-device arrays (the LSTM state, the
 forecast it made for its next reading, scorer and detector state; declared in
 runtime/engine/devices.py). A call gathers the slots of the devices with a reading,
@@ -13,45 +17,29 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from faultwatch.runtime.engine.detector import MAX_GAP_PERIODS, DetectorSettings
 from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
+from faultwatch.runtime.engine.likelihood import LikelihoodThreshold
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.step import BatchStep, all_set
-from faultwatch.runtime.engine.thresholds import DynamicThreshold, DynamicThresholdSettings
-
-#: A longer silence than this many sample periods always resets a device: bridging it takes one
-#: model step per missing reading (one reading 30 days late at 1 Hz: 2.6 million) with the engine,
-#: and a daemon's SIGTERM, waiting. Measured with the tests' tiny model on two busy cores: 86 398
-#: bridged steps took 45 s; 3600 (an hour at 1 Hz, far past where a free-running forecast still
-#: means anything) take about 2 s.
-MAX_GAP_PERIODS = 3600
+from faultwatch.runtime.engine.thresholds import DynamicThreshold
 
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """What the engine runs with beyond the model's own decisions."""
+
     max_devices: int = 10_000  # least recently seen device evicted beyond this
     max_batch: int = 1024  # devices per onnxruntime call
-    threshold: float | None = None  # None: the calibrated threshold from the model
-    # None: the static threshold above; settings: telemanom's dynamic threshold per device
-    dynamic_threshold: DynamicThresholdSettings | None = None
-    warmup: int | None = None  # readings after a reset with no fault raised; None: from the model
-    raise_k: int = 3  # a fault is raised when raise_k of the last window_n readings are anomalous
-    window_n: int = 5
-    clear_m: int = 20  # ...and cleared after clear_m calm readings in a row,
-    clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold (hysteresis)
-    top_channels: int = 3
-    max_gap_periods: float = 60.0  # a longer silence (in sample periods) resets the device's state
-    # A shorter one is bridged: each missing reading is replaced by the model's own forecast.
-
-    def __post_init__(self) -> None:
-        if not 0 < self.clear_ratio <= 1:
-            raise ValueError(f"clear_ratio must be in (0, 1], got {self.clear_ratio}")
-        if not 1 <= self.max_gap_periods <= MAX_GAP_PERIODS:
-            raise ValueError(f"max_gap_periods must be in [1, {MAX_GAP_PERIODS}], got {self.max_gap_periods}")
+    top_channels: int = 3  # channels named by a raised fault event
+    # Overrides of single DetectorSettings fields (a daemon config's [engine.detector]); empty:
+    # the model's own. Checked when an engine takes on a model.
+    detector: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -103,6 +91,15 @@ class Engine:
     @property
     def dynamic(self) -> DynamicThreshold | None:
         return self.stepper.dynamic
+
+    @property
+    def likelihood(self) -> LikelihoodThreshold | None:
+        return self.stepper.likelihood
+
+    @property
+    def decisions(self) -> DetectorSettings:
+        """The detector this engine runs: the model's, with the settings' overrides."""
+        return self.stepper.decisions
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -182,9 +179,16 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
+        # A snapshot written before these existed still fits (nothing to re-warm, no recent clear).
+        saved = {"rewarm": np.zeros(len(devices), np.int64),
+                 "fault_since_clear": np.full(len(devices), 1 << 40, np.int64)} | dict(saved)
         self.per_device.check_fits(saved, len(devices))
         slots = np.array(self._slots(devices), dtype=np.int64)
         self.per_device.load(slots, saved)
+        # A resume after a crash: the readings stepped since the snapshot (acknowledged, so never
+        # redelivered) come back as a gap in each device's timestamps, bridged and re-warmed by
+        # the first step (BatchStep._catch_up); after a clean stop nothing is missing and the
+        # devices go on exactly as an uninterrupted run.
         return len(devices)
 
     # -- hot reload ------------------------------------------------------------------------
@@ -268,4 +272,4 @@ class Engine:
 
 
 # Reading, Output and FaultEvent live in events.py; re-exported for the callers that import them here.
-__all__ = ["Engine", "EngineSettings", "FaultEvent", "Output", "Reading"]
+__all__ = ["MAX_GAP_PERIODS", "Engine", "EngineSettings", "FaultEvent", "Output", "Reading"]

@@ -169,12 +169,15 @@ class FaultDetector:
     FIELDS = ("fault_history", "fault_normal_run", "fault_active")  # its per-device arrays
 
     def __init__(self, raise_k: int, window_n: int, clear_m: int, capacity: int = 0,
-                 per_device: SlotArrays | None = None):
+                 per_device: SlotArrays | None = None, cooldown: int = 0):
+        """``cooldown``: readings after a clear in which no new fault is raised (their anomalous
+        verdicts do not count either), so one disturbance that dips below the clear level is
+        one episode, not two."""
         if not 1 <= raise_k <= window_n <= 62:
             raise ValueError("need 1 <= raise_k <= window_n <= 62")
-        if clear_m < 1:
-            raise ValueError("need clear_m >= 1")
-        self.raise_k, self.window_n, self.clear_m = raise_k, window_n, clear_m
+        if clear_m < 1 or cooldown < 0:
+            raise ValueError("need clear_m >= 1 and cooldown >= 0")
+        self.raise_k, self.window_n, self.clear_m, self.cooldown = raise_k, window_n, clear_m, cooldown
         self.mask = (1 << window_n) - 1
         self.per_device = SlotArrays(capacity) if per_device is None else per_device
         # history: bit i = flag of the i-th last reading; normal_run: calm readings in a row.
@@ -182,6 +185,8 @@ class FaultDetector:
         self.per_device.declare("fault_history", dtype=np.int64, on_reset=0)
         self.per_device.declare("fault_normal_run", dtype=np.int64, on_reset=0, across_models=True)
         self.per_device.declare("fault_active", dtype=bool, initial=False, across_models=True)
+        # Readings since the last clear (for the cooldown); far in the past for a new device.
+        self.per_device.declare("fault_since_clear", dtype=np.int64, initial=1 << 40, across_models=True)
 
     @property
     def history(self) -> np.ndarray:
@@ -208,6 +213,9 @@ class FaultDetector:
         arrays = self.per_device.arrays
         flags = np.asarray(anomalous, dtype=bool)
         calm = ~flags if calm is None else np.asarray(calm, dtype=bool) & ~flags
+        since_clear = arrays["fault_since_clear"][slots]
+        if self.cooldown:
+            flags = flags & (arrays["fault_active"][slots] | (since_clear > self.cooldown))
         history = ((arrays["fault_history"][slots] << 1) | flags) & self.mask
         arrays["fault_history"][slots] = history
         normal_run = (arrays["fault_normal_run"][slots] + 1) * calm  # 0 where not calm
@@ -216,6 +224,7 @@ class FaultDetector:
         raised = ~active & (np.bitwise_count(history) >= self.raise_k)
         cleared = active & (normal_run >= self.clear_m)
         arrays["fault_active"][slots] = (active | raised) & ~cleared
+        arrays["fault_since_clear"][slots] = np.where(cleared, 0, since_clear + 1)
         return raised.astype(np.int8) - cleared.astype(np.int8)
 
 

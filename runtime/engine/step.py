@@ -19,8 +19,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from faultwatch.runtime.engine.calibration import spike_scores
+from faultwatch.runtime.engine.detector import DetectorSettingsError
 from faultwatch.runtime.engine.devices import SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, top_channels
+from faultwatch.runtime.engine.likelihood import LikelihoodThreshold
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
 from faultwatch.runtime.engine.thresholds import DynamicThreshold
@@ -42,11 +45,14 @@ class BatchStep:
         self.settings, self.counters = settings, counters
         c = model.contract
         self.model, self.contract = model, c
-        self.threshold = (self.settings.threshold if self.settings.threshold is not None
-                          else c.calibration.threshold)
+        self.decisions = d = c.decisions.with_overrides(settings.detector)
+        self.threshold = d.threshold if d.threshold is not None else c.calibration.threshold
         self.period_s = c.sample_period_s
-        self.max_gap_s = self.settings.max_gap_periods * c.sample_period_s
-        warmup = self.settings.warmup if self.settings.warmup is not None else c.calibration.warmup
+        self.max_gap_s = d.max_gap_periods * c.sample_period_s
+        # Scaled readings outside the first range step in a call of their own (int8 activations are
+        # quantized over the whole batch); all are clipped to the second (DetectorSettings).
+        self.isolate = (-d.isolate_k, 1.0 + d.isolate_k)
+        self.clip = (-d.clip_k, 1.0 + d.clip_k)
         self.target_index = np.asarray(c.target_index)
         self.offset = np.asarray(c.scaler.offset)
         self.scale = np.asarray(c.scaler.scale)
@@ -73,14 +79,24 @@ class BatchStep:
         per_device.declare("last_ts", initial=-np.inf, across_models=True)
         per_device.declare("fault_start", across_models=True)
         per_device.declare("fault_peak", across_models=True)
+        # Readings still to step without scoring after a bridged gap or a resume (DetectorSettings.rewarm).
+        per_device.declare("rewarm", dtype=np.int64, on_reset=0)
         self.per_device = per_device
-        self.scorer = Scorer(c.calibration.residual_std, c.calibration.score_span, warmup,
-                             per_device=per_device)
-        self.detector = FaultDetector(self.settings.raise_k, self.settings.window_n,
-                                      self.settings.clear_m, per_device=per_device)
-        dynamic = self.settings.dynamic_threshold
-        self.dynamic = (None if dynamic is None
-                        else DynamicThreshold(dynamic, self.threshold, per_device=per_device))
+        self.scorer = Scorer(c.calibration.residual_std, d.score_span, d.warmup, per_device=per_device)
+        self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device,
+                                      cooldown=d.cooldown)
+        self.dynamic = (DynamicThreshold(d.dynamic, self.threshold, per_device=per_device)
+                        if d.policy == "dynamic" else None)
+        dc = c.detector_calibration
+        if dc is None and (d.spike or d.policy == "likelihood"):
+            raise DetectorSettingsError("detector: the spike score and the likelihood threshold need "
+                                        "a model exported by this faultwatch (no detector calibration)")
+        # The unsmoothed score's spread [K] and its weight in the static threshold's units.
+        self.spike_std = np.asarray(dc.spike_residual_std) if d.spike and dc else None
+        self.spike_gain = self.threshold / dc.spike_threshold if d.spike and dc else 0.0
+        self.likelihood = (LikelihoodThreshold(d.likelihood, self.threshold, dc.ratio_mean,
+                                               dc.ratio_var, per_device)
+                           if d.policy == "likelihood" and dc else None)
 
     def run(self, devices: Sequence[str], values: Sequence[np.ndarray], slots: np.ndarray,
             ts: np.ndarray, last: np.ndarray) -> list[Output]:
@@ -102,6 +118,11 @@ class BatchStep:
         prev_forecast = pd["prev_forecast"][slots]  # [B, K]: what the model forecast for this reading
         if missing is not None:
             scaled = self._impute(scaled, missing, slots, has_prev, prev_forecast)
+        lo, hi = self.clip
+        outside = np.count_nonzero((scaled < lo) | (scaled > hi))  # NaN compares False
+        if outside:  # rare: an absurd value, far beyond any real excursion
+            self.counters["clipped_values"] += int(outside)
+            scaled = np.clip(scaled, lo, hi)
 
         # Score this reading against the forecast made one step earlier.
         residual = scaled[:, self.target_columns] - prev_forecast  # [B, K]
@@ -109,18 +130,37 @@ class BatchStep:
             residual[missing[:, self.target_index] | ~has_prev[:, None]] = np.nan
         elif not all_set(has_prev):
             residual[~has_prev] = np.nan
+        rewarm = pd["rewarm"][slots]
+        rewarming = rewarm > 0
+        n_rewarming = np.count_nonzero(rewarming)
+        if n_rewarming:  # rare: right after a bridged gap or a resume
+            residual[rewarming] = np.nan  # stepped, not scored: the score holds where it was
+            pd["rewarm"][slots] = np.maximum(rewarm - 1, 0)
+            self.counters["rewarm_readings"] += int(n_rewarming)
         score, contrib, ready = self.scorer.update(slots, residual)
+        if self.spike_std is not None:  # the larger of the two scores, in the EWMA score's units
+            score = np.maximum(score, self.spike_gain * spike_scores(residual, self.spike_std))
+        if n_rewarming:
+            ready = ready & ~rewarming
         # The threshold each score is compared with: the static one, or each device's own [B].
         threshold: float | np.ndarray
-        if self.dynamic is None:
-            threshold = float(self.threshold)
-            thresholds = [threshold] * len(devices)
-        else:
+        if self.likelihood is not None:
+            threshold = self.likelihood.current(slots)
+        elif self.dynamic is not None:
             threshold = self.dynamic.current(slots)
-            thresholds = threshold.tolist()
+        else:
+            threshold = float(self.threshold)
+        thresholds = [threshold] * len(devices) if isinstance(threshold, float) else threshold.tolist()
         anomalous = ready & (score > threshold)
-        calm = ready & (score < self.settings.clear_ratio * threshold)
-        change = self.detector.update(slots, anomalous, calm)
+        calm = ready & (score < self.decisions.clear_ratio * threshold)
+        if n_rewarming:
+            # A re-warming reading holds the detector as it is: it neither counts towards a raise
+            # nor breaks the calm run that clears a fault (SKAB skips a reading every ~20 rows).
+            change = np.zeros(len(slots), np.int8)
+            steady = ~rewarming
+            change[steady] = self.detector.update(slots[steady], anomalous[steady], calm[steady])
+        else:
+            change = self.detector.update(slots, anomalous, calm)
         # The dynamic threshold learns only from readings it did not flag: a sustained fault must
         # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
         # 70 % when it learned everything, 25 % like this).
@@ -128,6 +168,9 @@ class BatchStep:
             learn = ready & ~anomalous
             if learn.any():
                 self.dynamic.push(slots[learn], score[learn])
+        # The likelihood learns from every ready reading, flagged or not (see its module).
+        if self.likelihood is not None and np.count_nonzero(ready):
+            self.likelihood.learn(slots[ready], score[ready])
 
         forecast = self._advance(slots, scaled)  # [B, K] scaled
         pd["last_ts"][slots] = ts
@@ -172,10 +215,33 @@ class BatchStep:
             skipped = np.where(known & ~gap, np.rint((ts - last) / self.period_s) - 1, 0)
             if (skipped >= 1).any():
                 self._bridge(slots, skipped.astype(np.int64))
+                # The state ran on its own forecasts: as many readings as were bridged (at most
+                # rewarm) are stepped, not scored. SKAB's files skip a reading every ~20: a fixed
+                # re-warm-up of 10 left half their readings unscored.
+                bridged = skipped >= 1
+                pd_rewarm = self.per_device["rewarm"]
+                pd_rewarm[slots[bridged]] = np.minimum(skipped[bridged], self.decisions.rewarm)
 
     def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Step the model for ``slots`` on scaled readings ``x`` [B, F]: gather their state rows
-        [1, B, H_i], run, scatter back; returns the forecast of the next reading [B, K] (scaled)."""
+        """Step the model for ``slots`` on scaled readings ``x`` [B, F]; returns the forecast of the
+        next reading [B, K] (scaled). A device with a reading outside the isolate range steps in a
+        call of its own, so its values cannot set the int8 quantization range of the others."""
+        lo, hi = self.isolate
+        wild = np.flatnonzero(((x < lo) | (x > hi)).any(axis=1)) if len(slots) > 1 else ()
+        if not len(wild):
+            return self._run(slots, x)
+        self.counters["isolated_steps"] += len(wild)
+        forecast = np.empty((len(slots), len(self.contract.targets)), np.float32)
+        tame = np.setdiff1d(np.arange(len(slots)), wild)
+        if len(tame):
+            forecast[tame] = self._run(slots[tame], x[tame])
+        for j in wild:
+            forecast[j] = self._run(slots[j:j + 1], x[j:j + 1])[0]
+        return forecast
+
+    def _run(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """One onnxruntime call: gather the state rows [1, B, H_i] of ``slots``, step on ``x``
+        [B, F], scatter back; returns the forecast [B, K] (scaled)."""
         pd = self.per_device.arrays
         states = [pd[name] for name in self.state_names]
         forecast, new_state = self.model.step(x[:, None, :], [s[slots][None] for s in states])

@@ -76,8 +76,12 @@ def _to_float(cell: str) -> float:
     return float(cell) if cell and cell.lower() not in ("nan", "null", "none") else np.nan
 
 
-def read_csv(path: str | Path) -> Table:
-    """Read a sensor CSV; raise :class:`CsvError` with a one-line reason when it can't be used."""
+def read_csv(path: str | Path, evenly_spaced: bool = False) -> Table:
+    """Read a sensor CSV; raise :class:`CsvError` with a one-line reason when it can't be used.
+
+    With ``evenly_spaced``, a file without a timestamp column is taken as evenly spaced rows,
+    one second apart (row i at i s); without it, such a file is an error.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -95,7 +99,7 @@ def read_csv(path: str | Path) -> Table:
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
     time_col = next((lower.index(c) for c in TIME_COLUMNS if c in lower), None)
-    if time_col is None:
+    if time_col is None and not evenly_spaced:
         raise CsvError(f"{path}: no timestamp column (one of {', '.join(TIME_COLUMNS)})")
     device_col = next((lower.index(c) for c in DEVICE_COLUMNS if c in lower), None)
     label_cols = {lower[i]: i for i in range(len(header)) if lower[i] in LABEL_COLUMNS}
@@ -103,6 +107,8 @@ def read_csv(path: str | Path) -> Table:
         i for i in range(len(header))
         if i not in (time_col, device_col) and i not in label_cols.values()
     ]
+    if not channel_cols:
+        raise CsvError(f"{path}: no channel columns")
     body = [r for r in rows[1:] if r and any(c.strip() for c in r)]
     for n, r in enumerate(body, start=2):
         if len(r) != len(header):
@@ -127,7 +133,8 @@ def read_csv(path: str | Path) -> Table:
         path=str(path),
         sha256=hashlib.sha256(data).hexdigest(),
         columns=tuple(header[i] for i in channel_cols),
-        timestamps=_parse_time([r[time_col] for r in body], str(path)),
+        timestamps=(np.arange(len(body), dtype=np.float64) if time_col is None
+                    else _parse_time([r[time_col] for r in body], str(path))),
         devices=devices,
         values=values,
         labels=labels,

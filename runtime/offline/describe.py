@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
 
 
@@ -36,6 +37,8 @@ def describe(path: Path) -> dict:
         "scaler": asdict(c.scaler),
         "sample_period_s": c.sample_period_s,
         "calibration": asdict(c.calibration),
+        # What run, replay and eval decide with; "stored": false for a file that predates it.
+        "detector": c.decisions.to_dict() | {"stored": c.detector is not None},
         "training": {
             "data_path": p.get("data_path"),
             "data_sha256": p.get("data_sha256"),
@@ -52,6 +55,10 @@ def describe(path: Path) -> dict:
         "exported": {"faultwatch_version": p.get("exported_with"), "at": p.get("exported_at")},
         "provenance": p,
     }
+
+
+def _detector(raw: dict) -> DetectorSettings:
+    return DetectorSettings.from_dict({k: v for k, v in raw.items() if k != "stored"})
 
 
 def _num(value, fmt: str = ".3e") -> str:
@@ -76,10 +83,11 @@ def render(info: dict) -> str:
         f"features ({len(info['features'])}): {', '.join(info['features'])}",
         f"targets  ({len(info['targets'])}): {', '.join(info['targets'])}",
         f"scaler: {info['scaler']['kind']}; sample period {info['sample_period_s']:g} s",
-        f"threshold: {cal['threshold']:.4g} on the score (per-channel EWMA span {cal['score_span']}, "
-        f"~1 when normal) "
-        f"(q{cal['quantile']} × {cal['factor']} of {cal['n_scores']} held-out scores); "
-        f"warm-up {cal['warmup']} readings",
+        f"calibrated threshold: {cal['threshold']:.4g} (q{cal['quantile']} × {cal['factor']} of "
+        f"{cal['n_scores']} held-out scores)",
+        "detector" + ("" if info["detector"]["stored"] else " (not stored in this file: the legacy "
+                      "settings)") + ":",
+        *[f"  {line}" for line in _detector(info["detector"]).describe()],
         f"trained on {t['data_path']} (sha256 {t['data_sha256']})",
         f"  {t['mode'] or '?'} training, {t['epochs']} epochs (best {t['best_epoch']}), val loss "
         f"{_num(t['val_loss'])} (streamed {_num(t['val_loss_streamed'])}, windowed "

@@ -41,7 +41,7 @@ def test_nab_eval_scores_the_series(nab_files, tmp_path: Path, capsys):
     out = tmp_path / "out"
     assert main(["eval", "nab", str(csv), "--windows", str(windows), "--out", str(out), "--jobs", "1"]) == 0
     text = capsys.readouterr().out
-    assert "NAB std" in text and "LSTM forecaster, static threshold" in text
+    assert "NAB std" in text and "LSTM forecaster (the model's detector)" in text
     m = json.loads((out / "metrics.json").read_text())
     assert {"f1", "far", "mar", "tp", "fp", "fn", "tn"} <= set(m)
     assert set(m["nab"]) == {"standard", "reward_low_FP", "reward_low_FN"}
@@ -53,7 +53,10 @@ def test_nab_eval_scores_the_series(nab_files, tmp_path: Path, capsys):
     assert lstm["nab"]["standard"]["detected"] == 1
     assert m["nab"]["standard"] > 50
     assert m["nab"]["reward_low_FP"] <= m["nab"]["standard"] + 1e-9  # false positives cost more there
-    assert (out / "reports" / "per-file" / "machine.html").exists()
+    # Event-wise too: the one window is one labelled sequence, found.
+    assert m["events"]["tp"] == 1 and m["events"]["fn"] == 0
+    assert (out / "reports" / "machine.html").exists() and (out / "models" / "machine.onnx").exists()
+    assert (out / "rows" / "machine.csv").read_text().startswith("ts,score,anomalous,fault\n")
 
 
 def test_a_series_without_windows_is_a_user_error(nab_files, tmp_path: Path, capsys):

@@ -125,8 +125,9 @@ def _user_error_case(name: str, trained: TrainedModels, small_csv: Path, tmp: Pa
     if name == "missing-csv":
         return ["replay", model, str(tmp / "nope.csv"), "--out", str(tmp / "o.csv")]
     if name == "csv-without-timestamp":
+        # replay takes such a file as evenly spaced rows; training needs real timestamps
         (tmp / "no-ts.csv").write_text("device,current\npump,1.0\npump,2.0\n")
-        return ["replay", model, str(tmp / "no-ts.csv"), "--out", str(tmp / "o.csv")]
+        return ["train", str(tmp / "no-ts.csv"), "--out", str(tmp / "run")]
     if name == "csv-without-a-model-channel":
         (tmp / "few.csv").write_text("timestamp,current\n1,1.0\n2,2.0\n")
         return ["replay", model, str(tmp / "few.csv"), "--out", str(tmp / "o.csv")]

@@ -25,7 +25,7 @@ CONFIGS = {
         "broker": {"client_id": "fw-{hostname}-line-1"},
         "input": {"topic": ["sensors/{device}", "sensors/{device}/{channel}"]},
         "output": {"forecast_every": 1, "stats_interval_s": 0.0},
-        "engine": {"max_gap_periods": 3600.0}, "metrics": {"listen": "127.0.0.1:0"},
+        "engine": {"detector": {"max_gap_periods": 3600.0}}, "metrics": {"listen": "127.0.0.1:0"},
     },
 }
 

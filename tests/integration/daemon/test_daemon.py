@@ -153,7 +153,9 @@ def test_answers_every_reading_and_reports_its_status(broker, start_daemon, trai
                 want = expected[(device, body["ts"])]
                 assert np.all(np.abs(values - want.forecast) <= TOLERANCE["int8"] * scale)
                 assert math.isfinite(body["score"]) and body["score"] >= 0
-                assert body["threshold"] == pytest.approx(contract.calibration.threshold, abs=1e-6)
+                # The model's detector decides: a per-device threshold, as the engine computes it
+                # (int8 batches differ between the two runs, so the scores it learns from do too).
+                assert body["threshold"] == pytest.approx(want.threshold, rel=0.05)
                 assert body["imputed"] == [] and body["fault"] is False
 
         assert daemon.terminate() == 0
@@ -202,7 +204,7 @@ def test_injected_fault_is_published_retained_and_clean_pump_stays_quiet(broker,
     data = simulate(devices=2, steps=300, seed=22, faults=[fault])
     with MqttRecorder(broker.host, broker.port, "faultwatch/#") as recorder:
         # clear_m beyond the stream: the retained state at the end is the raised event.
-        daemon = start_daemon(engine={"clear_m": 1000})
+        daemon = start_daemon(engine={"detector": {"clear_m": 1000}})
         wait_until_serving(daemon, recorder, broker)
         publish(data, broker.host, broker.port, rate=0, qos=1)
         wait_for(lambda: all(len(forecasts(recorder, d)) >= len(data.timestamps) for d in data.devices),

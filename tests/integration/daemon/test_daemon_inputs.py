@@ -83,7 +83,7 @@ def test_channels_on_separate_topics_become_one_reading(broker, trained, tmp_pat
         assert got[(a, stamps[0])]["imputed"] == []
         assert got[(b, stamps[0])]["imputed"] == list(CHANNELS[6:])
         model = StepModel(trained.int8)
-        engine = Engine(model, EngineSettings(max_batch=1, clear_m=30))
+        engine = Engine(model, EngineSettings(max_batch=1))
         want = expected_messages(engine.process(as_readings(frames)), model.contract.targets,
                                  model.contract.calibration.threshold)
         assert got == want

@@ -106,7 +106,7 @@ def test_hot_reload_matching_corrupt_and_mismatching(broker, trained, tmp_path):
     log = daemon.log()
     assert "reload rejected, still running" in log and "Traceback" not in log
     # The same readings and swaps through one engine, step by step.
-    settings = EngineSettings(max_batch=1, clear_m=30)
+    settings = EngineSettings(max_batch=1)
     int8, fp32, other = StepModel(trained.int8), StepModel(trained.fp32), StepModel(renamed)
     engine = Engine(int8, settings)
     want = {}

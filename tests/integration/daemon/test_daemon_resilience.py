@@ -271,3 +271,53 @@ def test_right_after_a_resume_a_newer_reading_waits_for_an_older_one_resent_afte
         assert [body["ts"] for body in got] == [older[1], newer[1]]
         assert daemon.terminate() == 0
         publisher.close()
+
+
+def test_a_kill_and_restart_mid_stream_raises_no_fault(broker, trained, tmp_path):
+    """The readings a killed daemon stepped after its last snapshot are acknowledged, so the
+    restarted one bridges them as a gap and resumes from an older state: neither is a fault."""
+    data = simulate(devices=3, steps=400, seed=37)
+    rows = readings_of(data)
+    config = _config(tmp_path, "fw-restart") | {"snapshot_interval_s": 2.0}
+    model = StepModel(trained.int8)
+    uninterrupted = Engine(model, _settings(config)).process(as_readings(rows))
+    assert not [o for o in uninterrupted if o.event], "the normal stream alone raises a fault"
+    state_file = tmp_path / "state" / "state.npz"
+    with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
+        first = Daemon(trained.int8, broker, tmp_path, "first", config)
+        wait_answering(first, broker, recorder)
+        stream, publisher = _stream(broker, rows, rate=45)
+
+        def data_answered() -> int:
+            return len({k for k in answered(recorder.messages()) if k[0] != "probe"})
+
+        wait_for(lambda: data_answered() >= 300 and state_file.exists(), timeout=60, message=first.log)
+        mtime = state_file.stat().st_mtime_ns
+        wait_for(lambda: state_file.stat().st_mtime_ns != mtime, timeout=30, message="no new snapshot")
+        at_snapshot = data_answered()
+        # Kill once ~10 readings per device were stepped (and acknowledged) after the snapshot.
+        wait_for(lambda: data_answered() >= at_snapshot + 30, timeout=30, message=first.log)
+        assert stream.is_alive(), "the stream ended before the kill: make it longer"
+        first.kill()
+        snapshot = dict(np.load(state_file, allow_pickle=False))
+        second = Daemon(trained.int8, broker, tmp_path, "second", config)
+        stream.join(timeout=120)
+        publisher.wait()
+        wanted = {(d, ts) for d, ts, _ in rows}
+        wait_for(lambda: wanted <= answered(recorder.messages()), timeout=120,
+                 message=lambda: f"{len(wanted - answered(recorder.messages()))} unanswered:\n{second.log()}")
+        assert second.terminate() == 0
+        publisher.close()
+        messages = recorder.messages()
+    # The restart really resumed across a gap: some device's first reading after the restart
+    # is more than one period after the last one in the snapshot it resumed from.
+    devices = [str(d) for d in snapshot["devices"]]
+    upto = {d: float(snapshot["last_ts"][devices.index(d)]) for d in data.devices}
+    split = max(i for i, m in enumerate(messages)
+                if m.topic == "faultwatch/status" and m.payload == b"online")
+    first_after = {}
+    for device, body in forecasts(messages[split:]):
+        first_after.setdefault(device, body["ts"])
+    assert any(first_after[d] - upto[d] > 1.5 * data.period_s for d in data.devices), (first_after, upto)
+    faults = [m for m in messages if m.topic.endswith("/fault") and b"raised" in m.payload]
+    assert faults == [], [m.payload for m in faults]

@@ -233,7 +233,8 @@ def test_contract_has_the_features_scaler_and_calibration_of_the_run(trained: Tr
     assert contract.scaler == prepared.scaler
 
     cal = contract.calibration
-    options = ExportOptions()
+    options = ExportOptions().detector
+    assert contract.detector == options  # the file carries its detector
     assert len(cal.residual_std) == len(contract.targets)
     assert all(np.isfinite(cal.residual_std)) and min(cal.residual_std) > 0
     assert np.isfinite(cal.threshold) and cal.threshold > 0
@@ -373,7 +374,10 @@ def test_newer_contract_version_is_refused_by_step_model(trained: TrainedModels,
                                 scaler=raw["scaler"] | {"offset": raw["scaler"]["offset"][:-1],
                                                         "scale": raw["scaler"]["scale"][:-1]},
                                 calibration=raw["calibration"]
-                                | {"residual_std": raw["calibration"]["residual_std"][:-1]}),
+                                | {"residual_std": raw["calibration"]["residual_std"][:-1]},
+                                detector_calibration=raw["detector_calibration"] | {
+                                    "spike_residual_std":
+                                        raw["detector_calibration"]["spike_residual_std"][:-1]}),
          "features"),
         (lambda raw: raw.pop("scaler"), "scaler"),
         (lambda raw: raw.update(cell="transformer"), "transformer"),

@@ -10,7 +10,7 @@ import socket
 import pytest
 from faultwatch.runtime.cli import main as cli_main
 from faultwatch.runtime.daemon import config as cfg
-from faultwatch.runtime.engine.engine import MAX_GAP_PERIODS, EngineSettings
+from faultwatch.runtime.engine.detector import MAX_GAP_PERIODS, DetectorSettings
 
 
 def check(tmp_path, text: str, capsys) -> tuple[int, list[str]]:
@@ -23,13 +23,13 @@ def check(tmp_path, text: str, capsys) -> tuple[int, list[str]]:
 
 def test_every_problem_of_a_config_is_reported_in_one_run_a_line_each(tmp_path, capsys):
     text = ('log_level = "loud"\n[broker]\nhost = ""\nclient_id = ""\nport = 0\n'
-            '[engine]\nmax_gap_periods = 1e9\ntopik = 1\n[output]\nprefix = "a/#"\n')
+            '[engine]\ntopik = 1\n[engine.detector]\nmax_gap_periods = 1e9\n[output]\nprefix = "a/#"\n')
     code, lines = check(tmp_path, text, capsys)
     assert code == 2
     assert all(line.startswith("faultwatch run: ") for line in lines), lines
     text = "\n".join(lines)
-    for key in ("log_level", "broker.host", "broker.client_id", "broker.port", "engine.max_gap_periods",
-                "engine.topik", "output.prefix", "no model"):
+    for key in ("log_level", "broker.host", "broker.client_id", "broker.port",
+                "engine.detector: max_gap_periods", "engine.topik", "output.prefix", "no model"):
         assert key in text, key
     assert len(lines) == 8, lines
     assert "Traceback" not in text
@@ -42,8 +42,8 @@ def test_every_problem_of_a_config_is_reported_in_one_run_a_line_each(tmp_path, 
     ('[broker]\ntls_ca_file = "/nonexistent/ca.pem"', "broker.tls_ca_file: '/nonexistent/ca.pem' is missing"),
     ('[broker]\ntls_ca_file = "/"', "broker.tls_ca_file: '/' is not a file"),
     ('[broker]\npassword_file = "/nonexistent/pw"', "broker.password_file: '/nonexistent/pw' is missing"),
-    ("[engine]\nmax_gap_periods = 1e9",
-     f"engine.max_gap_periods = 1000000000.0 is out of range [1, {MAX_GAP_PERIODS}]"),
+    ("[engine.detector]\nmax_gap_periods = 1e9",
+     f"engine.detector: max_gap_periods must be in [1, {MAX_GAP_PERIODS}]"),
     ('[log]\nformat = "xml"', "log.format must be one of auto, text, journald, json"),
     ("[reload]\nmqtt_command = true", "unknown key 'reload.mqtt_command' (now commands.enabled"),
     ('state_dir = "/dev/null"', "state_dir: '/dev/null' is not a folder"),
@@ -81,8 +81,8 @@ def test_the_default_client_id_is_unique_per_host_and_partition():
 
 def test_the_engine_refuses_to_bridge_more_than_the_cap():
     with pytest.raises(ValueError, match="max_gap_periods"):
-        EngineSettings(max_gap_periods=MAX_GAP_PERIODS + 1)
-    assert cfg.BOUNDS["engine.max_gap_periods"] == (1, MAX_GAP_PERIODS)
+        DetectorSettings(max_gap_periods=MAX_GAP_PERIODS + 1)
+    assert DetectorSettings(max_gap_periods=MAX_GAP_PERIODS).max_gap_periods == MAX_GAP_PERIODS
 
 
 def test_faultwatch_run_turns_off_onnxruntime_telemetry(monkeypatch, capsys):

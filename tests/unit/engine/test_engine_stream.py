@@ -36,7 +36,7 @@ def fp32(tiny_fp32_model: StepModel) -> StepModel:
 def test_no_anomalous_flag_during_warmup_after_a_reset(int8: StepModel):
     warmup = 12
     # A threshold of ~0 flags every scored reading: only warm-up can keep a flag down.
-    engine = Engine(int8, EngineSettings(threshold=1e-9, warmup=warmup))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 1e-9, "warmup": warmup}))
     data = simulate(devices=1, steps=100, seed=5)
     readings = readings_of(data)
     first = engine.process(readings[:40])
@@ -56,7 +56,7 @@ def test_no_anomalous_flag_during_warmup_after_a_reset(int8: StepModel):
 def test_warmup_defaults_to_the_model_calibration(int8: StepModel):
     warmup = int8.contract.calibration.warmup
     assert warmup > 0
-    engine = Engine(int8, EngineSettings(threshold=1e-9))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 1e-9}))
     outputs = engine.process(readings_of(simulate(devices=1, steps=warmup + 10, seed=6)))
     assert not any(o.anomalous for o in outputs[:warmup])
     assert any(o.anomalous for o in outputs[warmup:])
@@ -222,9 +222,7 @@ SNAPSHOT_DTYPES = {
 
 
 def test_snapshot_arrays_keep_their_names_and_types(int8: StepModel):
-    from faultwatch.runtime.engine.thresholds import DynamicThresholdSettings
-
-    engine = Engine(int8, EngineSettings(dynamic_threshold=DynamicThresholdSettings()))
+    engine = Engine(int8, EngineSettings(detector={"policy": "dynamic"}))
     engine.process(readings_of(simulate(devices=2, steps=5, seed=40)))
     saved = engine.export_state()
     states = {f"state_{i}": "float32" for i in range(len(int8.state_widths))}
@@ -244,7 +242,7 @@ def test_a_reused_slot_starts_from_the_initial_values(int8: StepModel):
     engine.process(readings_of(data, [a, b]))  # both past warm-up, anomalous (threshold ~0)
     first_c = readings_of(data, [c])[0]
     out = engine.process([first_c])[0]  # evicts a, takes its slot
-    fresh = Engine(int8, EngineSettings(threshold=1e-9)).process([first_c])[0]
+    fresh = Engine(int8, EngineSettings(detector={"threshold": 1e-9})).process([first_c])[0]
     assert engine.counters["devices_evicted"] == 1
     assert (out.score, out.anomalous, out.fault_active) == (fresh.score, fresh.anomalous, fresh.fault_active)
     np.testing.assert_array_equal(out.forecast, fresh.forecast)

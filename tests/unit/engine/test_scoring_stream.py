@@ -8,7 +8,6 @@ from engine_streams import readings
 from faultwatch.runtime.engine.engine import Engine, EngineSettings
 from faultwatch.runtime.engine.events import Reading
 from faultwatch.runtime.engine.model import StepModel
-from faultwatch.runtime.engine.thresholds import DynamicThresholdSettings
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +51,15 @@ def test_jitter_below_half_a_period_bridges_nothing(int8: StepModel):
 
 
 def test_static_threshold_is_reported_with_every_output(int8: StepModel):
-    engine = Engine(int8, EngineSettings(threshold=2.5))
+    engine = Engine(int8, EngineSettings(detector={"threshold": 2.5, "policy": "static"}))
     outs = engine.process(readings(20, seed=23))
     assert all(o.threshold == 2.5 for o in outs)
 
 
 
 def test_dynamic_threshold_in_the_engine(int8: StepModel):
-    dyn = DynamicThresholdSettings(window=300, every=20, min_history=100, floor=0.5)
-    engine = Engine(int8, EngineSettings(dynamic_threshold=dyn))
+    dyn = {"policy": "dynamic", "dynamic": {"window": 300, "every": 20, "min_history": 100, "floor": 0.5}}
+    engine = Engine(int8, EngineSettings(detector=dyn))
     rs = readings(500, seed=24, devices=2)
     outs = engine.process(rs)
     static = int8.contract.calibration.threshold
@@ -76,7 +75,7 @@ def test_dynamic_threshold_in_the_engine(int8: StepModel):
     # Its window travels with the device state (snapshots).
     saved = engine.export_state()
     assert {"threshold_window", "threshold_count", "threshold_value"} <= set(saved)
-    twin = Engine(int8, EngineSettings(dynamic_threshold=dyn))
+    twin = Engine(int8, EngineSettings(detector=dyn))
     twin.import_state(saved)
     nxt = readings(501, seed=24, devices=2)[-2:]  # one more reading per device
     a, b = engine.process(nxt), twin.process(nxt)
