@@ -126,7 +126,7 @@ def test_forget_withdraws_a_device_only_while_commands_are_enabled(broker, train
 def test_a_device_evicted_with_a_fault_raised_is_cleared(broker, trained, tmp_path):
     fault = Fault("valve_closure", "pump-000", start=200, duration=60)
     data = simulate(devices=1, steps=300, seed=22, faults=[fault])
-    config = _config("fw-evict", engine={"max_devices": 2, "clear_m": 1000},
+    config = _config("fw-evict", engine={"max_devices": 2, "detector": {"clear_m": 1000}},
                      homeassistant={"discovery": False})
     with MqttRecorder(broker.host, broker.port, ["faultwatch/#"]) as recorder:
         daemon = Daemon(trained.int8, broker, tmp_path, "daemon", config)
