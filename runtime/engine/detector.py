@@ -12,7 +12,8 @@ What each group decides (a reading goes through them in this order):
   whole batch, so one wild value (1e11) would coarsen the forecasts of every
   other device in the same onnxruntime call. A device whose scaled reading
   lies outside ``[-isolate_k, 1 + isolate_k]`` (the training range is [0, 1]
-  for the minmax scaler) is stepped in a call of its own; the others keep
+  for the minmax scaler) is stepped apart, in one call with the other such
+  devices of the batch (one extra call, not one per device); the others keep
   their call and their numbers. Readings are clipped to ``[-clip_k, 1 +
   clip_k]`` (far beyond any real excursion) before scoring and stepping, so an
   absurd value is anomalous but cannot blow the device's statistics up.
@@ -86,7 +87,7 @@ class DetectorSettings:
     cooldown: int = 50  # readings after a clear in which no new fault is raised
     max_gap_periods: float = 60.0  # a longer silence (sample periods) resets the device's state
     rewarm: int = 10  # after a bridged gap, as many readings as were bridged, up to this, are not scored
-    isolate_k: float = 1.0  # a reading outside [-isolate_k, 1 + isolate_k] (scaled) steps alone
+    isolate_k: float = 1.0  # a reading outside [-isolate_k, 1 + isolate_k] (scaled) steps apart
     clip_k: float = 1000.0  # readings are clipped to [-clip_k, 1 + clip_k] (scaled)
 
     def __post_init__(self) -> None:
@@ -196,5 +197,5 @@ class DetectorSettings:
             f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; after a bridge "
             f"as many readings as were bridged (up to {self.rewarm}) are not scored",
             f"wild values (scaled): outside [{-self.isolate_k:g}, {1 + self.isolate_k:g}] stepped "
-            f"alone, clipped to [{-self.clip_k:g}, {1 + self.clip_k:g}]",
+            f"apart, clipped to [{-self.clip_k:g}, {1 + self.clip_k:g}]",
         ]

@@ -224,8 +224,10 @@ class BatchStep:
 
     def _advance(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Step the model for ``slots`` on scaled readings ``x`` [B, F]; returns the forecast of the
-        next reading [B, K] (scaled). A device with a reading outside the isolate range steps in a
-        call of its own, so its values cannot set the int8 quantization range of the others."""
+        next reading [B, K] (scaled). Devices with a reading outside the isolate range step apart,
+        in one call of their own, so their values cannot set the int8 quantization range of the
+        others (one call for all of them, not one each: a fleet model meeting many devices
+        beyond its training range costs two calls a batch, not hundreds)."""
         lo, hi = self.isolate
         wild = np.flatnonzero(((x < lo) | (x > hi)).any(axis=1)) if len(slots) > 1 else ()
         if not len(wild):
@@ -235,8 +237,7 @@ class BatchStep:
         tame = np.setdiff1d(np.arange(len(slots)), wild)
         if len(tame):
             forecast[tame] = self._run(slots[tame], x[tame])
-        for j in wild:
-            forecast[j] = self._run(slots[j:j + 1], x[j:j + 1])[0]
+        forecast[wild] = self._run(slots[wild], x[wild])
         return forecast
 
     def _run(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
