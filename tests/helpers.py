@@ -128,3 +128,21 @@ class MqttRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The training side's packages, which the edge install never has.
+HEAVY = ("torch", "onnx", "onnxscript", "optuna")
+
+#: Python source that makes :data:`HEAVY` unimportable in the process that runs it (as on an edge
+#: install); a test prepends it to the code it runs with ``python -c``.
+WITHOUT_HEAVY = f"""
+import importlib.abc, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+"""

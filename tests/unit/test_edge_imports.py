@@ -11,18 +11,10 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch", "onnx", "onnxscript", "optuna")
+from helpers import HEAVY, WITHOUT_HEAVY
 
-CODE = f"""
-import importlib, importlib.abc, json, pkgutil, sys
-
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {HEAVY!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}}")
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
+CODE = WITHOUT_HEAVY + f"""
+import importlib, json, pkgutil
 import faultwatch.runtime
 failed = {{}}
 names = [m.name for m in pkgutil.walk_packages(faultwatch.runtime.__path__, "faultwatch.runtime.",

@@ -25,11 +25,11 @@ from faultwatch.runtime import cli
 from faultwatch.runtime.daemon.config import Config, load_config, resolve_client_id
 from faultwatch.runtime.devtools.simulator import CHANNELS, simulate, write_csv
 from faultwatch.runtime.engine.model import StepModel
+from helpers import HEAVY, WITHOUT_HEAVY
 from model_fixtures import TrainedModels
 
 pytestmark = pytest.mark.torch
 
-HEAVY = ("torch", "onnx", "onnxscript")
 
 
 def faultwatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -74,17 +74,8 @@ def test_runtime_works_where_torch_is_not_installed(trained: TrainedModels, smal
                                                     tmp_path: Path):
     """torch (and onnx) made unimportable: the runtime still runs; training commands say what to install."""
     out = tmp_path / "scores.csv"
-    code = f"""
-import contextlib, io, json, sys
-import importlib.abc
-
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {HEAVY!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}}")
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
+    code = WITHOUT_HEAVY + f"""
+import contextlib, io, json
 from faultwatch.runtime import cli
 rc_replay = cli.main(["replay", {str(trained.int8)!r}, {str(small_csv)!r}, "--out", {str(out)!r}])
 rc_describe = cli.main(["inspect", {str(trained.int8)!r}])
