@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=float, help="static threshold = factor × quantile")
     p.add_argument("--span", type=int, help="EWMA span of the score")
     p.add_argument("--warmup", type=int, help="readings after a reset with no faults")
-    p.add_argument("--threshold", choices=("static", "dynamic"), help="threshold policy")
+    p.add_argument("--threshold", choices=POLICIES, help="threshold policy (likelihood)")
     p.set_defaults(func=cmd_export, needs_torch=True)
 
     p = sub.add_parser("inspect", help="print a model's contract")
