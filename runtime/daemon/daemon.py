@@ -95,7 +95,7 @@ class Daemon:
                    if config.state_dir else None)
         self.outbox = Outbox(self.client, config.output.outbox_max, journal)
         self.emitter = Emitter(config, self.client, self.outbox, self.status_topic, self.model.contract,
-                               self.counters)
+                               self.counters, self.engine.fault_active)
 
     def _timed(self, model: StepModel) -> TimedModel:
         return TimedModel(model, self.observed.step_seconds, self.observed.batch_sizes)

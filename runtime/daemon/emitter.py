@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from faultwatch.runtime.daemon.announcements import Announcements
@@ -28,7 +29,7 @@ log = logging.getLogger("faultwatch")
 
 class Emitter:
     def __init__(self, config: Config, client: Transport, outbox: Outbox, status_topic: str,
-                 contract: ModelContract, counters: Counter):
+                 contract: ModelContract, counters: Counter, fault_active: Callable[[str], bool]):
         self.config = config
         self.prefix = config.output.prefix
         self.client = client
@@ -39,10 +40,9 @@ class Emitter:
         self.announcements = Announcements(Path(config.state_dir) if config.state_dir else None,
                                            ha.max_devices, ha.announce_per_s, counters)
         self._nth: OrderedDict[str, int] = OrderedDict()  # readings since the last forecast, per device
-        # Devices whose last published fault event is "raised": an announcement made later (they are
-        # rate-limited) must not overwrite that retained state with the initial "ok". Bounded: the
-        # engine clears a device's fault when it evicts it.
-        self._raised: set[str] = set()
+        # Whether a device has a fault raised (the engine's): an announcement made later (they are
+        # rate-limited) must not overwrite that retained state with the initial "ok".
+        self.fault_active = fault_active
         self.adopt(contract)
 
     def adopt(self, contract: ModelContract) -> None:
@@ -85,10 +85,6 @@ class Emitter:
         return count == 0
 
     def _publish_event(self, event: FaultEvent) -> None:
-        if event.state == "raised":
-            self._raised.add(event.device)
-        else:
-            self._raised.discard(event.device)
         self.outbox.publish(f"{self.prefix}/{event.device}/fault", fault_message(event), qos=1,
                             retain=True, droppable=False, journal=True)
         log.info("fault %s on %s (score %.2f, threshold %.2f)%s", event.state, event.device,
@@ -110,7 +106,6 @@ class Emitter:
             self.outbox.publish(topic, b"", qos=1, retain=True, droppable=False)
         self.announcements.forget(device)
         self.announcements.save()
-        self._raised.discard(device)
 
     def _announce(self, device: str) -> None:
         for topic, payload in discovery_messages(
@@ -118,7 +113,7 @@ class Emitter:
                 scores=self.config.output.forecasts, model=Path(self.config.model).name,
                 status_topic=self.status_topic):
             self.outbox.publish(topic, payload, qos=1, retain=True, droppable=False)
-        if device not in self._raised:  # else the retained state is a real event: keep it
+        if not self.fault_active(device):  # else the retained state is a real event: keep it
             self.outbox.publish(f"{self.prefix}/{device}/fault", initial_fault_state(device), qos=1,
                                 retain=True, droppable=False)
         self.counters["discovery_announced"] += 1

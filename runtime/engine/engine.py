@@ -144,6 +144,11 @@ class Engine:
         slot = self.table.slots.get(device)
         return -np.inf if slot is None else float(self.per_device["last_ts"][slot])
 
+    def fault_active(self, device: str) -> bool:
+        """Whether ``device`` has a fault raised (False for a device it doesn't hold)."""
+        slot = self.table.slots.get(device)
+        return slot is not None and bool(self.per_device["fault_active"][slot])
+
     def restart(self, device: str) -> None:
         """``device`` starts over (its clock was set back): state and warm-up, and any ts is newer.
         A raised fault stays raised and clears as usual."""
