@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultwatch.runtime import cli
+from faultwatch.runtime import cli, commands
 from faultwatch.runtime.devtools.simulator import simulate, write_csv
 from faultwatch.train.command import train_with_options
 from faultwatch.train.options import OptionsError, TrainOptions
@@ -39,7 +39,7 @@ def test_defaults_are_the_reference_recipe():
     assert (o.patience, o.lr_patience, o.val_fraction, o.scaler) == (10, 5, 0.2, "minmax")
     # `faultwatch train DATA --out RUN` with no other flag trains exactly that.
     args = cli.build_parser().parse_args(["train", "data.csv", "--out", "run"])
-    assert cli._train_options(args) == o
+    assert commands.train_options(args) == o
 
 
 def test_config_file_then_flags_override_it(csv_path, tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from faultwatch.runtime import cli
+from faultwatch.runtime import cli, commands
 from faultwatch.train.options import OptionsError, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -59,7 +59,7 @@ def test_a_new_default_reaches_the_help(monkeypatch):
 
 def test_no_flags_give_the_dataclass_defaults():
     args = cli.build_parser().parse_args(["train", "data.csv", "--out", "run"])
-    assert cli._train_options(args) == TrainOptions()
+    assert commands.train_options(args) == TrainOptions()
 
 
 def test_choices_come_from_the_fields():
