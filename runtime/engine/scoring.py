@@ -232,7 +232,7 @@ class FaultDetector:
         raised = (np.bitwise_count(history) >= self._raise_k) > active  # > of bools: and not
         cleared = active & (normal_run >= self._clear_m)
         change = raised.view(np.int8) - cleared.view(np.int8)  # a bool is one byte, 0 or 1
-        since_clear += self._one
+        since_clear = since_clear + self._one  # (+= takes the out= path: twice the cost on one row)
         if np.count_nonzero(change):  # rare: a fault raised or cleared
             arrays["fault_active"][slots] = (active | raised) & ~cleared
             since_clear[cleared] = 0
