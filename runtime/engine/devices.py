@@ -23,7 +23,7 @@ follow from that declaration. A new per-device field is one :meth:`SlotArrays.de
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -64,9 +64,17 @@ class DeviceTable:
         one looked up earlier in the same call.
         """
         known = self.slots
-        slots: list[int] = []
+        devices = devices if isinstance(devices, list | tuple) else list(devices)
+        slots: list = list(map(known.get, devices))  # None for a new device
         new: list[tuple[int, str]] = []
         evicted: list[tuple[int, str]] = []
+        if None not in slots:
+            # Every device known (the usual call): the loop below, run by map in C (at a batch
+            # of 1,024 the Python loop cost a fifth of the model step). Lookups change nothing,
+            # so doing them all first leaves the same slots and the same order.
+            deque(map(known.move_to_end, devices), maxlen=0)
+            return slots, new, evicted
+        slots = []
         for device in devices:
             slot = known.get(device)
             if slot is not None:

@@ -78,6 +78,11 @@ class LikelihoodThreshold:
         self.static = float(static)
         self.z = settings.z
         self.alpha = 1.0 / settings.window
+        # The constants as float64 arrays of one element: a ufunc takes those faster than a Python
+        # float (~1 µs a call on one row), with the same arithmetic.
+        self._static, self._z, self._floor, self._alpha, self._beta = (
+            np.array([v], np.float64) for v in (self.static, self.z, settings.floor, self.alpha,
+                                                 1.0 - self.alpha))
         self.per_device = per_device
         per_device.declare("likelihood_mean", initial=float(mean0))
         per_device.declare("likelihood_var", initial=max(float(var0), 1e-12))
@@ -85,12 +90,13 @@ class LikelihoodThreshold:
     def current(self, slots) -> np.ndarray:
         arrays = self.per_device.arrays
         mean, var = arrays["likelihood_mean"][slots], arrays["likelihood_var"][slots]
-        return self.static * np.maximum(self.settings.floor, mean + self.z * np.sqrt(var))
+        return self._static * np.maximum(self._floor, mean + self._z * np.sqrt(var))
 
     def learn(self, slots, scores: np.ndarray) -> None:
         """Exponentially weighted mean and variance of ``scores / static`` ([B], distinct slots)."""
         arrays = self.per_device.arrays
         mean, var = arrays["likelihood_mean"][slots], arrays["likelihood_var"][slots]
-        delta = scores / self.static - mean
-        arrays["likelihood_mean"][slots] = mean + self.alpha * delta
-        arrays["likelihood_var"][slots] = (1.0 - self.alpha) * (var + self.alpha * delta * delta)
+        delta = scores / self._static - mean
+        step = self._alpha * delta
+        arrays["likelihood_mean"][slots] = mean + step
+        arrays["likelihood_var"][slots] = self._beta * (var + step * delta)  # (alpha·delta)·delta

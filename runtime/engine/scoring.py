@@ -79,6 +79,11 @@ class Scorer:
         self.alpha = 2.0 / (self.span + 1.0)
         self.noise = np.sqrt(ewma_variance(self.span))
         k = len(self.residual_std)
+        # The constants of update() as arrays of one element: a ufunc takes those faster than a
+        # Python number (~1 µs a call on one row), with the same float64 and int64 arithmetic.
+        self._alpha, self._beta, self._noise, self._channels = (
+            np.array([v], np.float64) for v in (self.alpha, 1.0 - self.alpha, self.noise, k))
+        self._one, self._warmup = np.array([1]), np.array([self.warmup])
         self.per_device = SlotArrays(capacity) if per_device is None else per_device
         # m [cap, K]: per-channel EWMA of z; the last score [cap], kept when a reading measures
         # nothing; scored readings since the last reset [cap].
@@ -115,19 +120,19 @@ class Scorer:
         slots = np.asarray(slots)
         arrays = self.per_device.arrays
         z = residuals / self.residual_std  # [B, K]
-        m = arrays["score_smoothed"][slots]
+        m = arrays["score_smoothed"].take(slots, axis=0)  # (take: a third of m[slots] on a few rows)
         finite = np.isfinite(z)
         if np.count_nonzero(finite) == finite.size:
             # Every channel measured, and finite (the usual reading): the arithmetic below without
             # its masks, same numbers, half the numpy calls (what a reading costs at small batches).
-            smoothed = self.alpha * z + (1.0 - self.alpha) * m
+            smoothed = self._alpha * z + self._beta * m
             arrays["score_smoothed"][slots] = smoothed
-            contrib = (smoothed / self.noise) ** 2 / z.shape[1]
+            contrib = (smoothed / self._noise) ** 2 / self._channels
             score = np.sqrt(np.add.reduce(contrib, axis=1))  # = contrib.sum(axis=1), one call less
             arrays["score"][slots] = score
-            seen = arrays["score_seen"][slots] + 1  # slots are distinct within a call
+            seen = arrays["score_seen"][slots] + self._one  # slots are distinct within a call
             arrays["score_seen"][slots] = seen
-            return score, contrib, seen > self.warmup
+            return score, contrib, seen > self._warmup
         measured = ~np.isnan(z)
         # z.clip: nan_to_num's ±inf → ±max without its per-call cost (NaN stays, and is not taken).
         m = np.where(measured, self.alpha * z.clip(-_FLOAT_MAX, _FLOAT_MAX) + (1.0 - self.alpha) * m, m)
@@ -179,6 +184,9 @@ class FaultDetector:
             raise ValueError("need clear_m >= 1 and cooldown >= 0")
         self.raise_k, self.window_n, self.clear_m, self.cooldown = raise_k, window_n, clear_m, cooldown
         self.mask = (1 << window_n) - 1
+        # update()'s constants as int64 arrays of one element (faster ufunc operands, see Scorer).
+        self._one, self._mask, self._raise_k, self._clear_m, self._cooldown = (
+            np.array([v], np.int64) for v in (1, self.mask, raise_k, clear_m, cooldown))
         self.per_device = SlotArrays(capacity) if per_device is None else per_device
         # history: bit i = flag of the i-th last reading; normal_run: calm readings in a row.
         # An episode (active, and the calm run that will clear it) outlives a model of another shape.
@@ -214,18 +222,22 @@ class FaultDetector:
         flags = np.asarray(anomalous, dtype=bool)
         calm = ~flags if calm is None else np.asarray(calm, dtype=bool) & ~flags
         since_clear = arrays["fault_since_clear"][slots]
-        if self.cooldown:
-            flags = flags & (arrays["fault_active"][slots] | (since_clear > self.cooldown))
-        history = ((arrays["fault_history"][slots] << 1) | flags) & self.mask
-        arrays["fault_history"][slots] = history
-        normal_run = (arrays["fault_normal_run"][slots] + 1) * calm  # 0 where not calm
-        arrays["fault_normal_run"][slots] = normal_run
         active = arrays["fault_active"][slots]
-        raised = ~active & (np.bitwise_count(history) >= self.raise_k)
-        cleared = active & (normal_run >= self.clear_m)
-        arrays["fault_active"][slots] = (active | raised) & ~cleared
-        arrays["fault_since_clear"][slots] = np.where(cleared, 0, since_clear + 1)
-        return raised.astype(np.int8) - cleared.astype(np.int8)
+        if self.cooldown:
+            flags = flags & (active | (since_clear > self._cooldown))
+        history = ((arrays["fault_history"][slots] << self._one) | flags) & self._mask
+        arrays["fault_history"][slots] = history
+        normal_run = (arrays["fault_normal_run"][slots] + self._one) * calm  # 0 where not calm
+        arrays["fault_normal_run"][slots] = normal_run
+        raised = (np.bitwise_count(history) >= self._raise_k) > active  # > of bools: and not
+        cleared = active & (normal_run >= self._clear_m)
+        change = raised.view(np.int8) - cleared.view(np.int8)  # a bool is one byte, 0 or 1
+        since_clear = since_clear + self._one  # (+= takes the out= path: twice the cost on one row)
+        if np.count_nonzero(change):  # rare: a fault raised or cleared
+            arrays["fault_active"][slots] = (active | raised) & ~cleared
+            since_clear[cleared] = 0
+        arrays["fault_since_clear"][slots] = since_clear
+        return change
 
 
 def smoothed_scores(residuals: np.ndarray, residual_std: Sequence[float], span: int) -> np.ndarray:
