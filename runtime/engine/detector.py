@@ -65,6 +65,12 @@ NESTED = {"dynamic": DynamicThresholdSettings, "likelihood": LikelihoodSettings}
 MAX_GAP_PERIODS = 3600
 
 
+#: Settings added after model files began to carry their detector, with the value that
+#: reproduces what such a file decided before: a file that does not name one keeps deciding as it
+#: did when it was exported (its missing key is not the newer default).
+ADDED_LATER: dict[str, Any] = {"severe": 0.0}
+
+
 class DetectorSettingsError(ValueError):
     """A detector setting is unknown or out of range; the message names it."""
 
@@ -82,6 +88,7 @@ class DetectorSettings:
     likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
     raise_k: int = 3  # raised when raise_k of the last window_n readings are anomalous
     window_n: int = 5
+    severe: float = 0.0  # one reading above severe × threshold raises at once (0: off)
     clear_m: int = 20  # cleared after clear_m calm readings in a row,
     clear_ratio: float = 0.8  # calm = score below clear_ratio × threshold
     cooldown: int = 50  # readings after a clear in which no new fault is raised
@@ -98,6 +105,7 @@ class DetectorSettings:
             (self.threshold is None or self.threshold > 0, "threshold must be > 0 when given"),
             (self.policy in POLICIES, f"policy must be one of {', '.join(POLICIES)}"),
             (1 <= self.raise_k <= self.window_n <= 62, "need 1 <= raise_k <= window_n <= 62"),
+            (self.severe == 0 or self.severe >= 1, "severe must be 0 (off) or >= 1"),
             (self.clear_m >= 1 and self.cooldown >= 0, "need clear_m >= 1 and cooldown >= 0"),
             (0 < self.clear_ratio <= 1, "clear_ratio must be in (0, 1]"),
             (1 <= self.max_gap_periods <= MAX_GAP_PERIODS,
@@ -114,9 +122,10 @@ class DetectorSettings:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DetectorSettings:
         """The inverse of :meth:`to_dict`; unknown keys are ignored (a newer writer), missing
-        ones take their defaults."""
+        ones take their defaults, except those of :data:`ADDED_LATER`, which take the value
+        that keeps an older file's decisions as they were."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in names}
+        values = ADDED_LATER | {k: v for k, v in raw.items() if k in names}
         try:
             for key, kind in NESTED.items():
                 if key in values:
@@ -131,7 +140,8 @@ class DetectorSettings:
         """What a model exported before the detector was stored gets: the span, warm-up and
         threshold rule of its calibration, every other decision as the runtime made it then."""
         return cls(score_span=score_span, warmup=warmup, quantile=quantile, factor=factor,
-                   spike=False, policy="static", clear_m=20, cooldown=0, rewarm=0, isolate_k=1e9, clip_k=1e9)
+                   spike=False, policy="static", clear_m=20, cooldown=0, rewarm=0, isolate_k=1e9, clip_k=1e9,
+                   **ADDED_LATER)
 
     def with_overrides(self, overrides: dict[str, Any]) -> DetectorSettings:
         """These settings with the given fields replaced (a config's ``[engine.detector]``).
@@ -191,7 +201,9 @@ class DetectorSettings:
             + (", and the unsmoothed score against its own threshold" if self.spike else "")
             + f"; warm-up {self.warmup} readings",
             f"threshold: {threshold}",
-            f"fault: raised at {self.raise_k} of {self.window_n} anomalous, cleared after "
+            f"fault: raised at {self.raise_k} of {self.window_n} anomalous"
+            + (f" or at once above {self.severe:g} × threshold" if self.severe else "")
+            + f", cleared after "
             f"{self.clear_m} calm (score < {self.clear_ratio:g} × threshold); none raised for "
             f"{self.cooldown} readings after a clear",
             f"gaps: bridged up to {self.max_gap_periods:g} periods, longer resets; after a bridge "

@@ -207,8 +207,13 @@ class FaultDetector:
         """Forget the recent verdicts; an active fault stays active until cleared."""
         self.per_device.reset(slots, self.FIELDS)
 
-    def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None) -> np.ndarray:
-        """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8."""
+    def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None,
+               severe: np.ndarray | None = None) -> np.ndarray:
+        """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8.
+
+        ``severe`` [B] bool (optional): readings that raise a fault on their own, without waiting
+        for ``raise_k`` of ``window_n`` (only where also anomalous, and not in a cooldown).
+        """
         slots = np.asarray(slots)
         arrays = self.per_device.arrays
         flags = np.asarray(anomalous, dtype=bool)
@@ -221,7 +226,10 @@ class FaultDetector:
         normal_run = (arrays["fault_normal_run"][slots] + 1) * calm  # 0 where not calm
         arrays["fault_normal_run"][slots] = normal_run
         active = arrays["fault_active"][slots]
-        raised = ~active & (np.bitwise_count(history) >= self.raise_k)
+        enough = np.bitwise_count(history) >= self.raise_k
+        if severe is not None:
+            enough = enough | (np.asarray(severe, dtype=bool) & flags)
+        raised = ~active & enough
         cleared = active & (normal_run >= self.clear_m)
         arrays["fault_active"][slots] = (active | raised) & ~cleared
         arrays["fault_since_clear"][slots] = np.where(cleared, 0, since_clear + 1)
