@@ -102,7 +102,8 @@ def decide(scores: np.ndarray, ready: np.ndarray, threshold: float, detector: De
     for t in range(n):
         anomalous = bool(ready[t] and scores[t] > threshold)
         calm = bool(ready[t] and scores[t] < detector.clear_ratio * threshold)
-        change[t] = det.update([0], np.array([anomalous]), np.array([calm]))[0]
+        severe = bool(detector.severe and anomalous and scores[t] > detector.severe * threshold)
+        change[t] = det.update([0], np.array([anomalous]), np.array([calm]), np.array([severe]))[0]
         active[t] = det.active[0]
     return Trace(scores, np.full(n, threshold), active, change)
 

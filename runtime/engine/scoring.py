@@ -215,8 +215,13 @@ class FaultDetector:
         """Forget the recent verdicts; an active fault stays active until cleared."""
         self.per_device.reset(slots, self.FIELDS)
 
-    def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None) -> np.ndarray:
-        """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8."""
+    def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None,
+               severe: np.ndarray | None = None) -> np.ndarray:
+        """anomalous [B], calm [B] bool (default: not anomalous) → change [B] int8.
+
+        ``severe`` [B] bool (optional): readings that raise a fault on their own, without waiting
+        for ``raise_k`` of ``window_n`` (only where also anomalous, and not in a cooldown).
+        """
         slots = np.asarray(slots)
         arrays = self.per_device.arrays
         flags = np.asarray(anomalous, dtype=bool)
@@ -229,7 +234,10 @@ class FaultDetector:
         arrays["fault_history"][slots] = history
         normal_run = (arrays["fault_normal_run"][slots] + self._one) * calm  # 0 where not calm
         arrays["fault_normal_run"][slots] = normal_run
-        raised = (np.bitwise_count(history) >= self._raise_k) > active  # > of bools: and not
+        enough = np.bitwise_count(history) >= self._raise_k
+        if severe is not None:  # rare: DetectorSettings.severe is off by default
+            enough = enough | (np.asarray(severe, dtype=bool) & flags)
+        raised = enough > active  # > of bools: and not
         cleared = active & (normal_run >= self._clear_m)
         change = raised.view(np.int8) - cleared.view(np.int8)  # a bool is one byte, 0 or 1
         since_clear = since_clear + self._one  # (+= takes the out= path: twice the cost on one row)

@@ -86,6 +86,7 @@ class BatchStep:
         self.scorer = Scorer(c.calibration.residual_std, d.score_span, d.warmup, per_device=per_device)
         self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device,
                                       cooldown=d.cooldown)
+        self.severe = d.severe
         self.dynamic = (DynamicThreshold(d.dynamic, self.threshold, per_device=per_device)
                         if d.policy == "dynamic" else None)
         dc = c.detector_calibration
@@ -164,14 +165,17 @@ class BatchStep:
         thresholds = [threshold] * len(devices) if isinstance(threshold, float) else threshold.tolist()
         anomalous = ready & (score > threshold)
         calm = ready & (score < self._clear_ratio * threshold)
+        # DetectorSettings.severe: a reading this far above its threshold raises on its own.
+        severe = score > self.severe * threshold if self.severe else None
         if n_rewarming:
             # A re-warming reading holds the detector as it is: it neither counts towards a raise
             # nor breaks the calm run that clears a fault (SKAB skips a reading every ~20 rows).
             change = np.zeros(len(slots), np.int8)
             steady = ~rewarming
-            change[steady] = self.detector.update(slots[steady], anomalous[steady], calm[steady])
+            change[steady] = self.detector.update(slots[steady], anomalous[steady], calm[steady],
+                                                  None if severe is None else severe[steady])
         else:
-            change = self.detector.update(slots, anomalous, calm)
+            change = self.detector.update(slots, anomalous, calm, severe)
         # The dynamic threshold learns only from readings it did not flag: a sustained fault must
         # not fill the window and lift the threshold above itself (measured on SKAB valve1: MAR
         # 70 % when it learned everything, 25 % like this).

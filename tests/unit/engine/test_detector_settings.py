@@ -75,3 +75,16 @@ def test_the_example_config_documents_every_detector_setting_at_its_default():
             assert all(defaults[key][k] == v for k, v in value.items()), value
             continue
         assert value == defaults[key], key
+
+
+def test_a_stored_detector_without_a_later_setting_keeps_deciding_as_it_did():
+    # A model exported before `severe` existed stores no such key: it must run without the rule
+    # whatever today's default, not pick the default up when a newer runtime loads it.
+    raw = DetectorSettings(policy="static").to_dict()
+    raw.pop("severe")
+    assert DetectorSettings.from_dict(raw).severe == 0.0
+    assert DetectorSettings.from_dict(raw | {"severe": 4.0}).severe == 4.0
+    assert DetectorSettings.legacy(7, 12, 0.99, 2.0).severe == 0.0
+    with pytest.raises(DetectorSettingsError, match="severe"):
+        DetectorSettings(severe=0.5)
+    assert "at once above 4 × threshold" in " ".join(DetectorSettings(severe=4.0).describe())

@@ -112,3 +112,43 @@ def test_reset_forgets_verdicts_but_keeps_an_active_fault():
     assert det.active[0] and det.history[0] == 0 and det.normal_run[0] == 0
     with pytest.raises(ValueError):
         FaultDetector(4, 3, 1, 1)
+
+
+def test_a_severe_reading_raises_at_once_but_not_in_a_cooldown():
+    det = FaultDetector(raise_k=3, window_n=5, clear_m=2, capacity=1, cooldown=3)
+
+    def step(anomalous: bool, calm: bool = False, severe: bool = False) -> int:
+        return int(det.update([0], np.array([anomalous]), np.array([calm]), np.array([severe]))[0])
+
+    assert step(True) == 0  # one anomalous reading: 1 of 5, not enough
+    assert step(True, severe=True) == 1  # the next one is severe: raised on it
+    assert [step(False, calm=True) for _ in range(2)] == [0, -1]
+    assert step(True, severe=True) == 0  # in the cooldown: not even a severe reading raises
+    assert [step(False, calm=True) for _ in range(3)] == [0, 0, 0]
+    assert step(True, severe=True) == 1  # after it, it does
+    # "severe" counts only where the reading is also anomalous (below the threshold: never).
+    det2 = FaultDetector(raise_k=3, window_n=5, clear_m=2, capacity=1)
+    assert int(det2.update([0], np.array([False]), None, np.array([True]))[0]) == 0
+
+
+def test_the_default_detector_clears_after_15_calm_readings_and_then_cools_down_for_100():
+    """Issue 11's measurement (DetectorSettings' docstring): a fault that outlasted its
+    disturbance by 20 calm readings cost SKAB its FAR target, and a disturbance re-raised 50+
+    readings after its clear was most of MSL's extra false runs."""
+    from faultwatch.runtime.engine.detector import DetectorSettings
+
+    d = DetectorSettings()
+    det = FaultDetector(d.raise_k, d.window_n, d.clear_m, capacity=1, cooldown=d.cooldown)
+
+    def feed(anomalous: bool, n: int) -> list[int]:
+        a = np.array([anomalous])
+        return [int(det.update([0], a, ~a)[0]) for _ in range(n)]
+
+    assert 1 in feed(True, 10)
+    calm = feed(False, 20)
+    assert calm.index(-1) == 14  # cleared by the 15th calm reading (the 20th, before)
+    # A burst 75 readings after the clear: still in the cooldown (over, at 50 before).
+    feed(False, 75 - 6)
+    assert 1 not in feed(True, 10)
+    feed(False, 30)
+    assert 1 in feed(True, 10)  # after the cooldown, the next disturbance raises again

@@ -80,3 +80,20 @@ def test_dynamic_threshold_in_the_engine(int8: StepModel):
     nxt = readings(501, seed=24, devices=2)[-2:]  # one more reading per device
     a, b = engine.process(nxt), twin.process(nxt)
     assert [o.threshold for o in a] == [o.threshold for o in b]
+
+
+
+def test_a_severe_reading_raises_on_itself_a_milder_one_waits_for_the_window(int8: StepModel):
+    rs = readings(340, seed=40)
+    rs[300].values[:] += np.asarray(int8.contract.scaler.scale)  # one reading, one range off
+
+    def raised_at(severe: float) -> tuple[list[int], float]:
+        outs = Engine(int8, EngineSettings(detector={"severe": severe})).process(
+            [Reading(r.device, r.ts, r.values.copy()) for r in rs])
+        return ([i for i, o in enumerate(outs) if o.event and o.event.state == "raised"],
+                outs[300].score / outs[300].threshold)
+
+    without, ratio = raised_at(0.0)
+    assert without and without[0] > 300 and 4 < ratio < 50  # raise_k of window_n: a few readings later
+    assert raised_at(4.0)[0][0] == 300  # far above the threshold: raised on the reading itself
+    assert raised_at(50.0)[0] == without  # not far enough above: the window decides, as before
