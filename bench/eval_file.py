@@ -96,7 +96,8 @@ def sorted_table(table: Table) -> Table:
 
 def decide(scores: np.ndarray, ready: np.ndarray, threshold: float, detector: DetectorSettings) -> Trace:
     """A baseline's scores through the same raise/clear logic the engine uses."""
-    det = FaultDetector(detector.raise_k, detector.window_n, detector.clear_m, 1)
+    det = FaultDetector(detector.raise_k, detector.window_n, detector.clear_m, 1,
+                        cooldown=detector.cooldown)
     n = len(scores)
     active, change = np.zeros(n, bool), np.zeros(n, np.int8)
     for t in range(n):
