@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from faultwatch.runtime.engine.contract import Calibration, DetectorCalibration
 from faultwatch.runtime.engine.detector import DetectorSettings
+from faultwatch.runtime.engine.hotpath import all_set
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.engine.scoring import ewma_variance, smoothed_scores
 
@@ -128,7 +129,7 @@ def spike_scores(residuals: np.ndarray, spread: np.ndarray) -> np.ndarray:
     residual / spread → [N] (0 where nothing is measured)."""
     z2 = (np.asarray(residuals, dtype=np.float64) / spread) ** 2  # [N, K]
     measured = np.isfinite(z2)
-    if np.count_nonzero(measured) == measured.size:
+    if all_set(measured):
         # Every channel measured (the usual reading): the sums below without the masks, same numbers.
         return np.sqrt(np.add.reduce(z2, axis=-1) / z2.shape[-1])
     count = measured.sum(axis=-1)

@@ -23,10 +23,11 @@ import numpy as np
 from faultwatch.runtime.engine.detector import MAX_GAP_PERIODS, DetectorSettings
 from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
+from faultwatch.runtime.engine.hotpath import all_set
 from faultwatch.runtime.engine.likelihood import LikelihoodThreshold
 from faultwatch.runtime.engine.model import ModelStep
 from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
-from faultwatch.runtime.engine.step import BatchStep, all_set
+from faultwatch.runtime.engine.step import BatchStep
 from faultwatch.runtime.engine.thresholds import DynamicThreshold
 
 

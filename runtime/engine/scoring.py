@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from faultwatch.runtime.engine.devices import SlotArrays
+from faultwatch.runtime.engine.hotpath import all_set, operands
 
 _FLOAT_MAX = np.finfo(np.float64).max
 
@@ -79,11 +80,10 @@ class Scorer:
         self.alpha = 2.0 / (self.span + 1.0)
         self.noise = np.sqrt(ewma_variance(self.span))
         k = len(self.residual_std)
-        # The constants of update() as arrays of one element: a ufunc takes those faster than a
-        # Python number (~1 µs a call on one row), with the same float64 and int64 arithmetic.
-        self._alpha, self._beta, self._noise, self._channels = (
-            np.array([v], np.float64) for v in (self.alpha, 1.0 - self.alpha, self.noise, k))
-        self._one, self._warmup = np.array([1]), np.array([self.warmup])
+        # The constants of update() (hotpath.operands), float64 and int64 as before.
+        self._alpha, self._beta, self._noise, self._channels = operands(
+            self.alpha, 1.0 - self.alpha, self.noise, k)
+        self._one, self._warmup = operands(1, self.warmup, dtype=np.int64)
         self.per_device = SlotArrays(capacity) if per_device is None else per_device
         # m [cap, K]: per-channel EWMA of z; the last score [cap], kept when a reading measures
         # nothing; scored readings since the last reset [cap].
@@ -122,7 +122,7 @@ class Scorer:
         z = residuals / self.residual_std  # [B, K]
         m = arrays["score_smoothed"].take(slots, axis=0)  # (take: a third of m[slots] on a few rows)
         finite = np.isfinite(z)
-        if np.count_nonzero(finite) == finite.size:
+        if all_set(finite):
             # Every channel measured, and finite (the usual reading): the arithmetic below without
             # its masks, same numbers, half the numpy calls (what a reading costs at small batches).
             smoothed = self._alpha * z + self._beta * m
@@ -184,9 +184,9 @@ class FaultDetector:
             raise ValueError("need clear_m >= 1 and cooldown >= 0")
         self.raise_k, self.window_n, self.clear_m, self.cooldown = raise_k, window_n, clear_m, cooldown
         self.mask = (1 << window_n) - 1
-        # update()'s constants as int64 arrays of one element (faster ufunc operands, see Scorer).
-        self._one, self._mask, self._raise_k, self._clear_m, self._cooldown = (
-            np.array([v], np.int64) for v in (1, self.mask, raise_k, clear_m, cooldown))
+        # update()'s constants (hotpath.operands).
+        self._one, self._mask, self._raise_k, self._clear_m, self._cooldown = operands(
+            1, self.mask, raise_k, clear_m, cooldown, dtype=np.int64)
         self.per_device = SlotArrays(capacity) if per_device is None else per_device
         # history: bit i = flag of the i-th last reading; normal_run: calm readings in a row.
         # An episode (active, and the calm run that will clear it) outlives a model of another shape.
