@@ -82,7 +82,6 @@ def test_dynamic_threshold_in_the_engine(int8: StepModel):
     assert [o.threshold for o in a] == [o.threshold for o in b]
 
 
-
 def test_a_severe_reading_raises_on_itself_a_milder_one_waits_for_the_window(int8: StepModel):
     rs = readings(340, seed=40)
     rs[300].values[:] += np.asarray(int8.contract.scaler.scale)  # one reading, one range off
