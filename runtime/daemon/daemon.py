@@ -17,8 +17,9 @@ stats. ``/metrics`` and ``/healthz`` are served by a third, read-only thread.
 
 This module wires the parts and runs the engine loop; each seam has its own module:
 :mod:`.intake` (inbox items → readings), :mod:`.emitter` (forecasts, fault events,
-discovery, then the acknowledgements), :mod:`.reload`, :mod:`.observability` (a stats
-snapshot for ``/metrics`` and ``{prefix}/stats``), :mod:`.mqtt.connection` and its
+discovery, then the acknowledgements), :mod:`.reload`, :mod:`.observability` (histograms, the
+``/metrics`` server), :mod:`.status` (a stats snapshot of the parts, health),
+:mod:`.mqtt.connection` and its
 :mod:`.mqtt.transport`.
 """
 
@@ -42,10 +43,11 @@ from faultwatch.runtime.daemon.intake import Collected, Intake
 from faultwatch.runtime.daemon.logformat import configure_logging
 from faultwatch.runtime.daemon.metrics import TimedModel
 from faultwatch.runtime.daemon.mqtt.connection import Connection
-from faultwatch.runtime.daemon.observability import Observability, StatsSnapshot
+from faultwatch.runtime.daemon.observability import Observability
 from faultwatch.runtime.daemon.outbox import FaultJournal, Outbox
 from faultwatch.runtime.daemon.reload import Reloader
 from faultwatch.runtime.daemon.snapshot import StateSnapshots
+from faultwatch.runtime.daemon.status import DaemonStatus
 from faultwatch.runtime.engine.engine import Engine, EngineSettings
 from faultwatch.runtime.engine.model import StepModel
 
@@ -96,6 +98,8 @@ class Daemon:
         self.outbox = Outbox(self.client, config.output.outbox_max, journal)
         self.emitter = Emitter(config, self.client, self.outbox, self.status_topic, self.model.contract,
                                self.counters, self.engine.fault_active)
+        self.status = DaemonStatus(config, self.observed, self.inbox, self.connection, self.intake,
+                                   self.engine, self.outbox, self.counters, lambda: self.model, self.stop)
 
     def _timed(self, model: StepModel) -> TimedModel:
         return TimedModel(model, self.observed.step_seconds, self.observed.batch_sizes)
@@ -178,53 +182,24 @@ class Daemon:
     def _reload_result(self, body: dict) -> None:
         self.emitter.reload_result(body)
 
-    # -- stats and health ------------------------------------------------------------------
-
-    def snapshot_stats(self, per_device: bool = True) -> StatsSnapshot:
-        """What the daemon counts now (``per_device``: with each device's last-seen time)."""
-        engine, outbox, journal = self.engine, self.outbox, self.outbox.journal
-        slots = dict(engine.table.slots)  # device → slot
-        contract = self.model.contract
-        return StatsSnapshot(
-            network=dict(self.inbox.counters) | dict(self.connection.counters),
-            counters=dict(self.counters), engine=dict(engine.counters),
-            frames=dict(self.intake.frames.counters), outbox=dict(outbox.counters),
-            devices=len(slots), queue=len(self.inbox), open_frames=len(self.intake.frames.pending),
-            outbox_depth=len(outbox.held), journal_pending=0 if journal is None else len(journal.entries),
-            faults_active=int(np.count_nonzero(engine.detector.active)),
-            connected=self.client.is_connected(), model_sha256=self.model.sha256,
-            quantization=contract.quantization, features=len(contract.features),
-            uptime_s=self.observed.uptime_s(), devices_max=self.config.engine.max_devices,
-            per_device_max=self.config.metrics.per_device_max,
-            last_seen=self.observed.last_seen(slots) if per_device else {},
-            step_seconds=self.observed.step_seconds, batch_sizes=self.observed.batch_sizes,
-            latency=self.observed.latency,
-        )
+    # -- stats ----------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        return self.snapshot_stats(per_device=False).as_stats()
+        return self.status.stats()
 
     def _publish_stats(self) -> None:
         stats = self.stats()
         self.emitter.stats(self.stats_topic, stats)
         log.info("stats %s", json.dumps(stats, sort_keys=True))
 
-    def health(self) -> tuple[bool, bool, dict]:
-        """(engine loop alive, connected, details) for /healthz and /readyz."""
-        live = time.monotonic() - self.observed.heartbeat < 30.0 and not self.stop.is_set()
-        ready = self.connection.is_connected()
-        return live, ready, {
-            "status": "ok" if live else "stalled", "connected": ready,
-            "connection_error": self.connection.error, "model_sha256": self.model.sha256,
-            "devices": len(self.engine.table.slots), "queue": len(self.inbox),
-            "uptime_s": round(self.observed.uptime_s(), 1),
-        }
-
     # -- main loop -------------------------------------------------------------------------
 
     def run(self) -> int:
         self.connection.start()
-        if not self.observed.start_metrics(self.config, lambda: render(self.snapshot_stats()), self.health):
+        def metrics() -> str:
+            return render(self.status.snapshot())
+
+        if not self.observed.start_metrics(self.config, metrics, self.status.health):
             self.counters["metrics_errors"] += 1
         i = self.config.input
         part = f" (the devices of partition {i.partition} of {i.partitions})" if i.partitions > 1 else ""

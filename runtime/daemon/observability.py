@@ -1,10 +1,9 @@
 """Observability: what the daemon measures, one snapshot of it, and where it is shown.
 
-The daemon fills a :class:`StatsSnapshot` (plain values, copied when it is taken); the
-``/metrics`` exposition (:func:`.daemon_metrics.render`) and the ``{prefix}/stats``
-messages are both made from one, so neither reaches into the daemon's parts. Snapshots
-for ``/metrics`` are taken on the HTTP thread: counters are copied with ``dict()``
-(one C call, atomic under the GIL), lengths read as they are.
+:class:`.status.DaemonStatus` fills a :class:`StatsSnapshot` (plain values, copied when it
+is taken) from the daemon's parts; the ``/metrics`` exposition (:func:`.daemon_metrics.render`)
+and the ``{prefix}/stats`` messages are both made from one, so neither reaches into the
+daemon's parts. Snapshots for ``/metrics`` are taken on the HTTP thread.
 """
 
 from __future__ import annotations

@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from faultwatch.runtime.engine.detector import MAX_GAP_PERIODS, DetectorSettings
+from faultwatch.runtime.engine.detector import MAX_GAP_PERIODS
 from faultwatch.runtime.engine.devices import DeviceTable, SlotArrays
 from faultwatch.runtime.engine.events import FaultEvent, Output, Reading
 from faultwatch.runtime.engine.hotpath import all_set
-from faultwatch.runtime.engine.likelihood import LikelihoodThreshold
 from faultwatch.runtime.engine.model import ModelStep
-from faultwatch.runtime.engine.scoring import FaultDetector, Scorer
+from faultwatch.runtime.engine.scoring import FaultDetector
 from faultwatch.runtime.engine.step import BatchStep
-from faultwatch.runtime.engine.thresholds import DynamicThreshold
 
 
 @dataclass(frozen=True)
@@ -82,25 +80,8 @@ class Engine:
         return self.stepper.per_device
 
     @property
-    def scorer(self) -> Scorer:
-        return self.stepper.scorer
-
-    @property
     def detector(self) -> FaultDetector:
-        return self.stepper.detector
-
-    @property
-    def dynamic(self) -> DynamicThreshold | None:
-        return self.stepper.dynamic
-
-    @property
-    def likelihood(self) -> LikelihoodThreshold | None:
-        return self.stepper.likelihood
-
-    @property
-    def decisions(self) -> DetectorSettings:
-        """The detector this engine runs: the model's, with the settings' overrides."""
-        return self.stepper.decisions
+        return self.stepper.decider.detector
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -111,10 +92,6 @@ class Engine:
     @property
     def devices(self) -> list[str]:
         return list(self.table.slots)
-
-    def reset(self, slots) -> None:
-        """Zero the model state of these slots; the next readings warm up again."""
-        self.per_device.reset(slots)
 
     def _slots(self, devices: Sequence[str]) -> list[int]:
         """The slots of ``devices``, now the most recently seen; new devices start from the initial values."""
@@ -238,16 +215,7 @@ class Engine:
         if n <= size and len(set(devices)) == n:
             return self._step(devices, times, values)  # the usual call: one reading per device
         outputs: list[Output | None] = [None] * n
-        # Round r holds each device's r-th reading of this call.
-        rounds: list[list[int]] = []
-        seen: Counter = Counter()
-        for i, device in enumerate(devices):
-            k = seen[device]
-            seen[device] += 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(i)
-        for members in rounds:
+        for members in rounds(devices):
             for b in range(0, len(members), size):
                 chunk = members[b:b + size]
                 step = self._step([devices[i] for i in chunk], [times[i] for i in chunk],
@@ -275,6 +243,23 @@ class Engine:
             for i, out in zip(keep, outputs, strict=True):
                 results[i] = out
         return results
+
+
+def rounds(devices: Sequence[str]) -> list[list[int]]:
+    """The positions of ``devices`` by round: round r holds each device's r-th reading.
+
+    >>> rounds(["a", "b", "a", "a"])
+    [[0, 1], [2], [3]]
+    """
+    out: list[list[int]] = []
+    seen: Counter = Counter()
+    for i, device in enumerate(devices):
+        k = seen[device]
+        seen[device] += 1
+        if k == len(out):
+            out.append([])
+        out[k].append(i)
+    return out
 
 
 # Reading, Output and FaultEvent live in events.py; re-exported for the callers that import them here.

@@ -294,7 +294,8 @@ def test_engine_swap_with_another_contract_starts_over_keeping_devices(trained, 
     assert a.swap_model(StepModel(other)) is False
     assert a.devices == list(data.devices)
     assert {d: a.per_device["last_ts"][a.table.slots[d]] for d in data.devices} == last_ts
-    assert not a.per_device["has_prev"][: a.capacity].any() and (a.scorer.seen[: a.capacity] == 0).all()
+    assert not a.per_device["has_prev"][: a.capacity].any()
+    assert (a.stepper.decider.scorer.seen[: a.capacity] == 0).all()
     # A redelivered reading is still recognised...
     assert a.process(_readings(data, slice(59, 60))) == [None, None]
     # ...and the next ones run as on a fresh engine with the new model.

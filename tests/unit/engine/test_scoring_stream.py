@@ -71,7 +71,7 @@ def test_dynamic_threshold_in_the_engine(int8: StepModel):
         assert (thr[: warmup + 100] == static).all()
         assert len(np.unique(thr[warmup + 120:])) > 1
         assert (thr >= 0.5 * static - 1e-12).all()
-    assert engine.dynamic.recomputed > 0
+    assert engine.stepper.decider.dynamic.recomputed > 0
     # Its window travels with the device state (snapshots).
     saved = engine.export_state()
     assert {"threshold_window", "threshold_count", "threshold_value"} <= set(saved)
