@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,11 @@ class EngineStepper:
 
     def __call__(self) -> None:
         self.ts += self.period  # one sample period on: no gap to bridge, nothing seen twice
-        self.engine.process([Reading(d, self.ts, v) for d, v in zip(self.devices, self.rows, strict=True)])
+        # The Reading tuples built in C (tuple.__new__, as the engine builds its Outputs): a
+        # Python-level Reading(...) per reading was ~1 µs, 15 % of what was timed at batch 1,024,
+        # and it is the caller's work, not the engine step's.
+        readings = list(map(tuple.__new__, repeat(Reading), zip(self.devices, repeat(self.ts), self.rows)))
+        self.engine.process(readings)
 
 
 def bench_engine(models: Models, counts: Counts, seed: int) -> dict[str, float]:
