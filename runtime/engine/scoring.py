@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from faultwatch.runtime.engine.devices import SlotArrays
-from faultwatch.runtime.engine.hotpath import all_set, operands
+from faultwatch.runtime.engine.hotpath import all_set, operands, rows_of
 
 _FLOAT_MAX = np.finfo(np.float64).max
 
@@ -126,7 +126,7 @@ class Scorer:
             # Every channel measured, and finite (the usual reading): the arithmetic below without
             # its masks, same numbers, half the numpy calls (what a reading costs at small batches).
             smoothed = self._alpha * z + self._beta * m
-            arrays["score_smoothed"][slots] = smoothed
+            arrays["score_smoothed"][rows_of(slots)] = smoothed
             contrib = (smoothed / self._noise) ** 2 / self._channels
             score = np.sqrt(np.add.reduce(contrib, axis=1))  # = contrib.sum(axis=1), one call less
             arrays["score"][slots] = score
