@@ -97,14 +97,15 @@ def sorted_table(table: Table) -> Table:
 def decide(scores: np.ndarray, ready: np.ndarray, threshold: float, detector: DetectorSettings) -> Trace:
     """A baseline's scores through the same raise/clear logic the engine uses."""
     det = FaultDetector(detector.raise_k, detector.window_n, detector.clear_m, 1,
-                        cooldown=detector.cooldown)
+                        cooldown=detector.cooldown, severe=detector.severe, record=detector.severe_record)
     n = len(scores)
     active, change = np.zeros(n, bool), np.zeros(n, np.int8)
+    slot = np.zeros(1, np.int64)
     for t in range(n):
         anomalous = bool(ready[t] and scores[t] > threshold)
         calm = bool(ready[t] and scores[t] < detector.clear_ratio * threshold)
-        severe = bool(detector.severe and anomalous and scores[t] > detector.severe * threshold)
-        change[t] = det.update([0], np.array([anomalous]), np.array([calm]), np.array([severe]))[0]
+        severe = det.severe_flags(slot, scores[t:t + 1], threshold, ready[t:t + 1])
+        change[t] = det.update(slot, np.array([anomalous]), np.array([calm]), severe)[0]
         active[t] = det.active[0]
     return Trace(scores, np.full(n, threshold), active, change)
 

@@ -47,8 +47,7 @@ class Decider:
         self.threshold = threshold
         self.scorer = Scorer(residual_std, d.score_span, d.warmup, per_device=per_device)
         self.detector = FaultDetector(d.raise_k, d.window_n, d.clear_m, per_device=per_device,
-                                      cooldown=d.cooldown)
-        self.severe = d.severe
+                                      cooldown=d.cooldown, severe=d.severe, record=d.severe_record)
         self.dynamic = (DynamicThreshold(d.dynamic, threshold, per_device=per_device)
                         if d.policy == "dynamic" else None)
         # The unsmoothed score's spread [K] and its weight in the static threshold's units.
@@ -80,8 +79,9 @@ class Decider:
         thresholds = [threshold] * len(slots) if isinstance(threshold, float) else threshold.tolist()
         anomalous = ready & (score > threshold)
         calm = ready & (score < self._clear_ratio * threshold)
-        # DetectorSettings.severe: a reading this far above its threshold raises on its own.
-        severe = score > self.severe * threshold if self.severe else None
+        # DetectorSettings.severe: a reading far above its threshold (and, with severe_record, above
+        # anything its device scored before) raises on its own.
+        severe = self.detector.severe_flags(slots, score, threshold, ready)
         if rewarming is not None:
             # A re-warming reading holds the detector as it is: it neither counts towards a raise
             # nor breaks the calm run that clears a fault (SKAB skips a reading every ~20 rows).

@@ -174,15 +174,20 @@ class FaultDetector:
     FIELDS = ("fault_history", "fault_normal_run", "fault_active")  # its per-device arrays
 
     def __init__(self, raise_k: int, window_n: int, clear_m: int, capacity: int = 0,
-                 per_device: SlotArrays | None = None, cooldown: int = 0):
+                 per_device: SlotArrays | None = None, cooldown: int = 0, severe: float = 0.0,
+                 record: float = 0.0):
         """``cooldown``: readings after a clear in which no new fault is raised (their anomalous
         verdicts do not count either), so one disturbance that dips below the clear level is
-        one episode, not two."""
+        one episode, not two. ``severe`` and ``record``: see :meth:`severe_flags`."""
         if not 1 <= raise_k <= window_n <= 62:
             raise ValueError("need 1 <= raise_k <= window_n <= 62")
         if clear_m < 1 or cooldown < 0:
             raise ValueError("need clear_m >= 1 and cooldown >= 0")
+        if severe < 0 or record < 0:
+            raise ValueError("need severe >= 0 and record >= 0")
         self.raise_k, self.window_n, self.clear_m, self.cooldown = raise_k, window_n, clear_m, cooldown
+        self.severe, self.record = severe, record
+        self._severe, self._record = operands(severe, 1.0 + record)
         self.mask = (1 << window_n) - 1
         # update()'s constants (hotpath.operands).
         self._one, self._mask, self._raise_k, self._clear_m, self._cooldown = operands(
@@ -195,6 +200,10 @@ class FaultDetector:
         self.per_device.declare("fault_active", dtype=bool, initial=False, across_models=True)
         # Readings since the last clear (for the cooldown); far in the past for a new device.
         self.per_device.declare("fault_since_clear", dtype=np.int64, initial=1 << 40, across_models=True)
+        if severe and record:
+            # The device's highest ready score so far [cap] (score units of this model), kept over a
+            # reset like the likelihood's statistics: the device's history outlives its LSTM state.
+            self.per_device.declare("fault_record")
 
     @property
     def history(self) -> np.ndarray:
@@ -214,6 +223,33 @@ class FaultDetector:
     def reset(self, slots) -> None:
         """Forget the recent verdicts; an active fault stays active until cleared."""
         self.per_device.reset(slots, self.FIELDS)
+
+    def severe_flags(self, slots, score: np.ndarray, threshold, ready: np.ndarray) -> np.ndarray | None:
+        """Which readings may raise a fault on their own ([B] bool, for :meth:`update`), or None
+        with ``severe`` off: those scoring above ``severe`` × their ``threshold`` ([B] or one
+        value) and, with ``record``, above (1 + ``record``) × the highest ``ready`` score of their
+        device before them (``score`` [B] ≥ 0; the record then takes this batch's ready scores).
+
+        Why the record (issue 11): one reading far above the threshold is how most of NAB's
+        anomalies show (a spike the 3-of-5 rule never sees), while MSL's channels spike like that
+        in normal operation too, over and over. A spike that beats everything the device did
+        before is news; one like those it already made is not (telemanom prunes an anomaly whose
+        peak is not ``record`` = 13 % above the largest normal error, for the same reason).
+
+        >>> det = FaultDetector(3, 5, 2, capacity=1, severe=2.0, record=0.5)
+        >>> def flag(s): return bool(det.severe_flags([0], np.array([s]), 1.0, np.array([True]))[0])
+        >>> [flag(s) for s in (1.5, 3.0, 4.0, 7.0)]  # 4.0 is not 50 % above the record 3.0
+        [False, True, False, True]
+        """
+        if not self.severe:
+            return None
+        severe = score > self._severe * threshold
+        if self.record:
+            arrays = self.per_device.arrays
+            best = arrays["fault_record"][slots]
+            severe &= score > self._record * best
+            arrays["fault_record"][slots] = np.maximum(best, score * ready)  # not ready: 0, no change
+        return severe
 
     def update(self, slots, anomalous: np.ndarray, calm: np.ndarray | None = None,
                severe: np.ndarray | None = None) -> np.ndarray:
@@ -235,7 +271,7 @@ class FaultDetector:
         normal_run = (arrays["fault_normal_run"][slots] + self._one) * calm  # 0 where not calm
         arrays["fault_normal_run"][slots] = normal_run
         enough = np.bitwise_count(history) >= self._raise_k
-        if severe is not None:  # rare: DetectorSettings.severe is off by default
+        if severe is not None:  # DetectorSettings.severe
             enough = enough | (np.asarray(severe, dtype=bool) & flags)
         raised = enough > active  # > of bools: and not
         cleared = active & (normal_run >= self._clear_m)

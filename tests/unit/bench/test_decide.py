@@ -24,3 +24,14 @@ def test_raises_again_after_the_cooldown():
     scores = burst_after_clear(settings, gap=10)
     trace = decide(scores, np.ones(len(scores), bool), threshold=1.0, detector=settings)
     assert (trace.change == 1).sum() == 2
+
+
+def test_the_baselines_honour_the_severe_record():
+    # One spike raises on itself; a second, no higher, after the clear and cooldown, does not.
+    settings = DetectorSettings(severe=2.0, severe_record=0.13, cooldown=5)
+    scores = np.array([0.1] * 5 + [5.0] + [0.1] * 30 + [5.0] + [0.1] * 5)
+    trace = decide(scores, np.ones(len(scores), bool), threshold=1.0, detector=settings)
+    assert np.flatnonzero(trace.change == 1).tolist() == [5]
+    trace = decide(scores, np.ones(len(scores), bool), threshold=1.0,
+                   detector=DetectorSettings(severe=2.0, severe_record=0.0, cooldown=5))
+    assert np.flatnonzero(trace.change == 1).tolist() == [5, 36]

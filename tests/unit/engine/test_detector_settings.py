@@ -88,3 +88,22 @@ def test_a_stored_detector_without_a_later_setting_keeps_deciding_as_it_did():
     with pytest.raises(DetectorSettingsError, match="severe"):
         DetectorSettings(severe=0.5)
     assert "at once above 4 × threshold" in " ".join(DetectorSettings(severe=4.0).describe())
+
+
+def test_the_default_detector_raises_on_a_record_breaking_spike_and_old_files_do_not():
+    """Issue 11: severe 1.5 with severe_record 0.13 won NAB AWS 6 points on the saved models of two
+    eval runs and left SKAB and MSL where they were (DetectorSettings' docstring); a model that
+    stored its detector before severe_record existed keeps deciding as it did."""
+    d = DetectorSettings()
+    assert (d.severe, d.severe_record) == (1.5, 0.13)
+    assert "13 % above the device's highest score so far" in " ".join(d.describe())
+    raw = d.to_dict()
+    for key in ("severe", "severe_record"):
+        raw.pop(key)
+    assert (DetectorSettings.from_dict(raw).severe, DetectorSettings.from_dict(raw).severe_record) == (0, 0)
+    older = DetectorSettings.from_dict(raw | {"severe": 3.0})  # severe stored, the record not yet
+    assert (older.severe, older.severe_record) == (3.0, 0.0)
+    assert DetectorSettings.legacy(7, 12, 0.99, 2.0).severe_record == 0.0
+    assert d.with_overrides({"severe_record": 0}).severe_record == 0.0
+    with pytest.raises(DetectorSettingsError, match="severe_record"):
+        DetectorSettings(severe_record=-0.1)

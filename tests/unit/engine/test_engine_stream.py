@@ -254,3 +254,18 @@ def test_a_reused_slot_starts_from_the_initial_values(int8: StepModel):
     assert engine.counters["devices_evicted"] == 1
     assert (out.score, out.anomalous, out.fault_active) == (fresh.score, fresh.anomalous, fresh.fault_active)
     np.testing.assert_array_equal(out.forecast, fresh.forecast)
+
+
+def test_a_snapshot_from_before_the_record_score_loads_with_no_record(int8: StepModel):
+    # DetectorSettings.severe_record keeps each device's highest score (FaultDetector's
+    # "fault_record"): in the snapshot when on, filled in as "no record yet" when a snapshot
+    # written before it is loaded.
+    on = EngineSettings(detector={"severe": 2.0, "severe_record": 0.13})
+    engine = Engine(int8, on)
+    engine.process(readings_of(simulate(devices=2, steps=60, seed=41)))
+    saved = engine.export_state()
+    assert str(saved["fault_record"].dtype) == "float64" and saved["fault_record"].max() > 0
+    older = {k: v for k, v in saved.items() if k != "fault_record"}
+    resumed = Engine(int8, on)
+    assert resumed.import_state(older) == 2
+    assert not resumed.per_device["fault_record"][:2].any()

@@ -131,6 +131,26 @@ def test_a_severe_reading_raises_at_once_but_not_in_a_cooldown():
     assert int(det2.update([0], np.array([False]), None, np.array([True]))[0]) == 0
 
 
+def test_a_severe_reading_raises_at_once_only_when_it_beats_its_devices_record():
+    """DetectorSettings.severe_record: a spike no higher than one the device already made (MSL's
+    channels spike in normal operation, again and again) waits for the raise_k-of-window_n rule;
+    one 13 % above anything before raises on itself, as without the record."""
+    def severe(record: float, scores: list[float], ready: list[bool] | None = None) -> list[bool]:
+        det = FaultDetector(raise_k=3, window_n=5, clear_m=2, capacity=2, severe=2.0, record=record)
+        ready = [True] * len(scores) if ready is None else ready
+        # device 0 gets the scores, device 1 stays quiet beside it (a record is per device)
+        return [bool(det.severe_flags([0, 1], np.array([s, 0.1]), 1.0, np.array([r, True]))[0])
+                for s, r in zip(scores, ready, strict=True)]
+
+    spikes = [0.5, 3.0, 0.5, 3.2, 0.5, 3.7, 0.5, 1.9]  # each score joins the record: 3.7 > 1.13 × 3.2
+    assert severe(0.0, spikes) == [False, True, False, True, False, True, False, False]
+    assert severe(0.13, spikes) == [False, True, False, False, False, True, False, False]  # 3.2 < 1.13 × 3
+    # Only ready readings (warmed up, not re-warming) set the record.
+    assert severe(0.13, [9.0, 3.0], ready=[False, True]) == [True, True]
+    with pytest.raises(ValueError):
+        FaultDetector(3, 5, 2, 1, severe=2.0, record=-0.1)
+
+
 def test_the_default_detector_clears_after_15_calm_readings_and_then_cools_down_for_100():
     """Issue 11's measurement (DetectorSettings' docstring): a fault that outlasted its
     disturbance by 20 calm readings cost SKAB its FAR target, and a disturbance re-raised 50+

@@ -96,3 +96,20 @@ def test_a_severe_reading_raises_on_itself_a_milder_one_waits_for_the_window(int
     assert without and without[0] > 300 and 4 < ratio < 50  # raise_k of window_n: a few readings later
     assert raised_at(4.0)[0][0] == 300  # far above the threshold: raised on the reading itself
     assert raised_at(50.0)[0] == without  # not far enough above: the window decides, as before
+
+
+def test_a_spike_like_one_the_device_made_before_waits_for_the_window(int8: StepModel):
+    # Two equal one-reading spikes, far apart (the first fault cleared, its cooldown over).
+    rs = readings(600, seed=40)
+    for i in (300, 520):
+        rs[i].values[:] += np.asarray(int8.contract.scaler.scale)
+
+    def raised(record: float) -> list[int]:
+        outs = Engine(int8, EngineSettings(detector={"severe": 4.0, "severe_record": record})).process(
+            [Reading(r.device, r.ts, r.values.copy()) for r in rs])
+        return [i for i, o in enumerate(outs) if o.event and o.event.state == "raised"]
+
+    assert {300, 520} <= set(raised(0.0))  # without the record: each spike raises on itself
+    with_record = raised(0.13)
+    assert 300 in with_record and 520 not in with_record  # the repeat is not news
+    assert any(520 < i < 530 for i in with_record)  # it still raises, by the window, like a milder one
