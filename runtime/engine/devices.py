@@ -99,6 +99,8 @@ class SlotField:
     initial: float  # a new device's value (and what grown rows hold until a device takes them)
     on_reset: float | None  # the value when the device starts over with warm-up; None: kept
     across_models: bool  # carried over by a hot reload to a model of another shape
+    # Added after snapshots were first written: a snapshot without it loads, at ``initial``.
+    added_later: bool = False
 
 
 class SlotArrays:
@@ -116,10 +118,12 @@ class SlotArrays:
         self.arrays: dict[str, np.ndarray] = {}
 
     def declare(self, name: str, row_shape: tuple[int, ...] = (), dtype=np.float64, initial: float = 0,
-                on_reset: float | None = None, across_models: bool = False) -> None:
+                on_reset: float | None = None, across_models: bool = False,
+                added_later: bool = False) -> None:
         if name in self.fields:
             raise ValueError(f"per-device field {name!r} declared twice")
-        spec = SlotField(name, tuple(row_shape), np.dtype(dtype), initial, on_reset, across_models)
+        spec = SlotField(name, tuple(row_shape), np.dtype(dtype), initial, on_reset, across_models,
+                         added_later)
         self.fields[name] = spec
         self.arrays[name] = np.full((self.capacity, *spec.row_shape), initial, spec.dtype)
 
@@ -157,15 +161,20 @@ class SlotArrays:
         return {name: a[slots] for name, a in self.arrays.items()}
 
     def check_fits(self, saved: dict[str, np.ndarray], rows: int) -> None:
-        """Raises ValueError unless ``saved`` has every field, ``rows`` rows of the right shape."""
+        """Raises ValueError unless ``saved`` has every field (those ``added_later`` may be
+        missing), ``rows`` rows of the right shape."""
         for name, spec in self.fields.items():
             a = saved.get(name)
+            if a is None and spec.added_later:
+                continue
             if a is None or a.shape[1:] != spec.row_shape or len(a) != rows:
                 raise ValueError(f"snapshot array {name!r} does not fit this model")
 
     def load(self, slots: np.ndarray, saved: dict[str, np.ndarray]) -> None:
-        for name, a in self.arrays.items():
-            a[slots] = saved[name]
+        """The rows of ``slots`` from ``saved`` (checked by :meth:`check_fits`); a field added
+        after the snapshot was written starts at its initial value."""
+        for name, spec in self.fields.items():
+            self.arrays[name][slots] = saved.get(name, spec.initial)
 
     def carry_from(self, old: SlotArrays, rows: int, same_shape: bool) -> None:
         """Copy the first ``rows`` slots of ``old`` (the arrays of the previous model): every field

@@ -162,11 +162,7 @@ class Engine:
         Raises ValueError when the arrays do not fit this engine's model.
         """
         devices = [str(d) for d in saved["devices"]]
-        # A snapshot written before these existed still fits (nothing to re-warm, no recent clear,
-        # no record score yet).
-        saved = {"rewarm": np.zeros(len(devices), np.int64),
-                 "fault_since_clear": np.full(len(devices), 1 << 40, np.int64),
-                 "fault_record": np.zeros(len(devices))} | dict(saved)
+        # (A snapshot written before a field declared added_later loads it at its initial value.)
         self.per_device.check_fits(saved, len(devices))
         slots = np.array(self._slots(devices), dtype=np.int64)
         self.per_device.load(slots, saved)

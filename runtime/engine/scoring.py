@@ -199,11 +199,12 @@ class FaultDetector:
         self.per_device.declare("fault_normal_run", dtype=np.int64, on_reset=0, across_models=True)
         self.per_device.declare("fault_active", dtype=bool, initial=False, across_models=True)
         # Readings since the last clear (for the cooldown); far in the past for a new device.
-        self.per_device.declare("fault_since_clear", dtype=np.int64, initial=1 << 40, across_models=True)
+        self.per_device.declare("fault_since_clear", dtype=np.int64, initial=1 << 40, across_models=True,
+                                added_later=True)
         if severe and record:
             # The device's highest ready score so far [cap] (score units of this model), kept over a
             # reset like the likelihood's statistics: the device's history outlives its LSTM state.
-            self.per_device.declare("fault_record")
+            self.per_device.declare("fault_record", added_later=True)
 
     @property
     def history(self) -> np.ndarray:

@@ -66,7 +66,7 @@ class BatchStep:
         per_device.declare("fault_start", across_models=True)
         per_device.declare("fault_peak", across_models=True)
         # Readings still to step without scoring after a bridged gap or a resume (DetectorSettings.rewarm).
-        per_device.declare("rewarm", dtype=np.int64, on_reset=0)
+        per_device.declare("rewarm", dtype=np.int64, on_reset=0, added_later=True)
         self.decider = Decider(d, self.threshold, c.calibration.residual_std, c.detector_calibration,
                                per_device)
 
