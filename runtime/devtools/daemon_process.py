@@ -177,6 +177,13 @@ class DaemonProcess:
             self.kill()
             raise DaemonError(f"the daemon ignored SIGTERM for {timeout:g} s:\n{self.log()}") from None
 
+    def stopped_log(self) -> str:
+        """Its log after a :meth:`stop`: what a failed wait shows, ending with the ``stopping:``
+        line of every counter (what it received, rejected, stepped and published), which says
+        where readings went when an expected message never came."""
+        self.stop()
+        return self.log()
+
     def kill(self) -> None:
         """SIGKILL: no snapshot, no ``stopped``, nothing flushed."""
         if self.proc is not None:

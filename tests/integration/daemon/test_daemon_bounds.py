@@ -137,8 +137,10 @@ def test_a_device_evicted_with_a_fault_raised_is_cleared(broker, trained, tmp_pa
         row = data.values[0, 0]
         publisher.send("sensors/newcomer-1", payload(1_700_000_000.0, row))  # evicts the probe
         publisher.send("sensors/newcomer-2", payload(1_700_000_000.0, row))  # evicts pump-000
+        # (Failed once in a full run on a loaded machine, not reproduced since: on a timeout the
+        # daemon is stopped first, so the log ends with its counters.)
         wait_for(lambda: len(recorder.messages("faultwatch/pump-000/fault")) == 2, timeout=60,
-                 message=daemon.log)
+                 message=daemon.stopped_log)
         assert daemon.terminate() == 0
         publisher.close()
     raised, cleared = (json.loads(m.payload) for m in recorder.messages("faultwatch/pump-000/fault"))

@@ -7,6 +7,7 @@ import re
 import socket
 
 from faultwatch.runtime.devtools.daemon_process import DaemonProcess
+from helpers import wait_for
 from model_fixtures import TrainedModels
 
 
@@ -37,5 +38,20 @@ def test_after_a_restart_the_metrics_port_is_the_new_process_s(trained: TrainedM
         assert len(ports) == 2 and int(ports[0]) == first and int(ports[1]) == daemon.metrics_port()
         assert daemon.current_log().count("metrics on") == 1
         assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+
+
+def test_the_stopped_log_of_a_failed_wait_ends_with_the_daemon_s_counters(trained: TrainedModels, tmp_path):
+    config = {"broker": {"reconnect_max_s": 1.0}, "metrics": {"listen": ""}}
+    daemon = DaemonProcess(trained.int8, f"127.0.0.1:{_closed_port()}", tmp_path, "d", config)
+    try:
+        daemon.start()
+        # Once it has tried the closed port it runs its loop, and SIGTERM is a clean stop.
+        wait_for(lambda: "cannot connect to the broker" in daemon.log(), timeout=60, message=daemon.log)
+        text = daemon.stopped_log()
+        assert not daemon.alive() and daemon.exit_code() == 0
+        assert "stopping: {" in text and text == daemon.log()
+        assert daemon.stopping_counters()["connect_failures"] >= 1
     finally:
         daemon.kill()
