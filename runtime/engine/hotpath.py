@@ -1,7 +1,7 @@
 """Three numpy idioms of the per-reading hot path (scorer, detector, likelihood, batch step).
 
 At batch 1 the engine's numpy calls work on one-row arrays, where a call's fixed cost is most of
-its cost. Two habits measurably cut it, with the same numbers:
+its cost. Three habits measurably cut it, with the same numbers:
 
 - a check that every flag is set counts them (:func:`all_set`) instead of calling ``.all()``;
 - a constant of the arithmetic is held as a numpy array of one element (:func:`operands`): a
