@@ -56,6 +56,9 @@ class EvalOptions:
     zscore_window: int = 120
     baselines: bool = True
     reports: bool = True
+    # An earlier run's OUT: score the models it exported (OUT/models/NAME.onnx) instead of
+    # training, with this run's detector (see bench.eval_model.reuse_and_calibrate).
+    models: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def load_job(job: FileJob) -> tuple[Table, int, np.ndarray, tuple[str, ...] | No
 
 
 def evaluate_file(job: FileJob) -> dict:
-    from faultwatch.bench.eval_model import BenchSpec, fit_and_export, head
+    from faultwatch.bench.eval_model import BenchSpec, fit_and_export, head, reuse_and_calibrate
 
     started = time.monotonic()
     options = job.options
@@ -210,7 +213,12 @@ def evaluate_file(job: FileJob) -> dict:
         raise ValueError(f"{job.path}: {n} rows with {n_train} to train; need at least 20 to train "
                          "and 10 to test")
     model_path = job.out / "models" / f"{job.stem}.onnx"
-    info = fit_and_export(head(table, n_train), model_path, spec, features, job.init, detector, targets)
+    if options.models is None:
+        info = fit_and_export(head(table, n_train), model_path, spec, features, job.init, detector, targets)
+    else:
+        source = Path(options.models) / "models" / f"{job.stem}.onnx"
+        info = reuse_and_calibrate(source, head(table, n_train), model_path, spec, features, detector,
+                                   targets)
 
     model = StepModel(model_path)
     values = table.select(features)

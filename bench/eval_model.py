@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from faultwatch.export.build import ExportOptions, export_model
@@ -137,6 +138,36 @@ def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec, detector:
     contract = replace(contract, provenance=contract.provenance | {"calibrated_on": spec.calibrate_on})
     model_path.write_bytes(with_contract(proto, contract))
     return asdict(calibration) | {"detector": asdict(detector_calibration)}
+
+
+def reuse_and_calibrate(source: Path, train: Table, out: Path, spec: BenchSpec, features: tuple[str, ...],
+                        detector: DetectorSettings, targets: tuple[str, ...] | None = None) -> dict:
+    """``faultwatch eval --models``: the model an earlier run exported for this file, with
+    ``detector`` written into it and calibrated on ``train`` as :func:`fit_and_export` would.
+
+    The forecasts stay those of the earlier run, so only the decisions change: a detector
+    setting is measured without retraining (and without a training seed moving the numbers).
+    A model from other data, other training rows or other columns is refused (ValueError).
+    """
+    if not source.is_file():
+        raise ValueError(f"{source}: no model for this file in the earlier run")
+    prepared = prepare(train, features=list(features), targets=list(targets) if targets else None,
+                       val_fraction=spec.val_fraction)
+    proto = onnx.load(source)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    contract = ModelContract.from_json(meta[METADATA_KEY])
+    if contract.provenance.get("data_sha256") != train.sha256:
+        raise ValueError(f"{source} was trained on other data (sha256 differs)")
+    if (contract.features, contract.targets) != (prepared.features, prepared.targets):
+        raise ValueError(f"{source} forecasts {contract.targets} from {contract.features}, "
+                         f"this run {prepared.targets} from {prepared.features}")
+    if not (np.allclose(contract.scaler.offset, prepared.scaler.offset)
+            and np.allclose(contract.scaler.scale, prepared.scaler.scale)):
+        raise ValueError(f"{source} was trained on other rows of this file (its scaler differs)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(with_contract(proto, replace(contract, detector=detector)))
+    calibration = recalibrate(out, prepared, spec, detector)
+    return {"reused_model": str(source), "calibration": calibration}
 
 
 def _train_once(prepared: Prepared, spec: BenchSpec, init: Path | None,

@@ -237,10 +237,11 @@ def run_skab(root: Path, out: Path, options: EvalOptions, *, pretrain: bool = Fa
         from faultwatch.bench.eval_model import BenchSpec
         from faultwatch.bench.eval_model import pretrain as pretrain_model
 
-        features = tuple(read_csv(files[0]).columns)
-        say(f"pretraining on {free} ...")
-        init = pretrain_model(read_csv(free), out / "models" / "pretrain-base", BenchSpec(**options.spec),
-                              features)
+        if options.models is None:  # (with --models the fine-tuned models are reused as they are)
+            features = tuple(read_csv(files[0]).columns)
+            say(f"pretraining on {free} ...")
+            init = pretrain_model(read_csv(free), out / "models" / "pretrain-base",
+                                  BenchSpec(**options.spec), features)
         protocols.append("pretrain")
     names = {f: str(f.relative_to(root).with_suffix("")) for f in files}
     job_list = [FileJob("skab", f, names[f], "per-file", out, options) for f in files]

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span", type=int, help="EWMA span of the score")
     p.add_argument("--warmup", type=int, help="readings after a reset with no faults")
     p.add_argument("--threshold", choices=POLICIES, help="threshold policy (likelihood)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other detector setting, e.g. clear_m=20 or likelihood.tail=1e-10 (repeatable)")
     p.set_defaults(func=cmd_export, needs_torch=True)
 
     p = sub.add_parser("inspect", help="print a model's contract")
@@ -217,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--quantile", type=float, help="threshold quantile of training scores")
         q.add_argument("--factor", type=float, help="static threshold = factor × quantile")
         q.add_argument("--threshold", choices=POLICIES, help="threshold policy (likelihood)")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other detector setting for every model, e.g. clear_m=20 or "
+                            "likelihood.tail=1e-10 (repeatable)")
+        q.add_argument("--models", metavar="DIR",
+                       help="score the models an earlier eval wrote to DIR/models instead of "
+                            "training: same forecasts, this run's detector")
         q.add_argument("--no-baselines", action="store_true", help="skip the z-score and HST baselines")
         q.add_argument("--no-reports", action="store_true", help="skip the HTML pages")
     p.set_defaults(func=cmd_eval, needs_torch=True)

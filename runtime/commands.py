@@ -87,16 +87,49 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from faultwatch.export.build import ExportOptions, export_model
+def assignments(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options → a nested dict (``likelihood.tail=1e-10`` → ``{"likelihood":
+    {"tail": 1e-10}}``); a value is read as TOML (``20``, ``1e-10``, ``true``) or else kept as text.
+
+    >>> assignments(["clear_m=20", "likelihood.tail=1e-10", "policy=static", "spike=false"])
+    {'clear_m': 20, 'likelihood': {'tail': 1e-10}, 'policy': 'static', 'spike': False}
+    """
+    import tomllib
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path) or len(path) > 2:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE or TABLE.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table = out.setdefault(path[0], {}) if len(path) == 2 else out
+        if not isinstance(table, dict):
+            raise UserError(f"--set {pair!r}: {path[0]} is not a table")
+        table[path[-1]] = value
+    return out
+
+
+def detector_settings(given: dict, pairs: list[str]):
+    """The detector of an ``export`` or ``eval``: its flags (``None``: not given) over the
+    defaults, then its ``--set`` assignments; a bad one is a :class:`UserError`."""
     from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
 
     try:
-        given = {"quantile": args.quantile, "factor": args.factor, "score_span": args.span,
-                 "warmup": args.warmup, "policy": args.threshold}
         detector = DetectorSettings(**{k: v for k, v in given.items() if v is not None})
+        return detector.with_overrides(assignments(pairs))
     except DetectorSettingsError as exc:
         raise UserError(str(exc)) from None
+
+
+def cmd_export(args) -> int:
+    from faultwatch.export.build import ExportOptions, export_model
+
+    detector = detector_settings({"quantile": args.quantile, "factor": args.factor, "score_span": args.span,
+                                  "warmup": args.warmup, "policy": args.threshold}, args.set)
     options = ExportOptions(quantize=args.quantize, detector=detector)
     report = export_model(Path(args.run_dir), Path(args.out), options)
     p, lat = report["parity"], report["latency_us_per_step_batch1"]
@@ -173,8 +206,6 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from faultwatch.bench.eval_file import EvalOptions
     from faultwatch.bench.evaluate import run_csv, run_nab, run_skab, run_telemanom
-    from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
-
     spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs),
                               ("device", args.device), ("precision", args.precision)) if v is not None}
     if args.device is not None or args.precision is not None:
@@ -182,12 +213,10 @@ def cmd_eval(args) -> int:
 
         # Refused here, in one line, rather than once per file in the worker processes.
         resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
-    given = {"score_span": args.span, "quantile": args.quantile, "factor": args.factor,
-             "policy": args.threshold}
-    try:
-        detector = DetectorSettings(**{k: v for k, v in given.items() if v is not None})
-    except DetectorSettingsError as exc:
-        raise UserError(str(exc)) from None
+    detector = detector_settings({"score_span": args.span, "quantile": args.quantile,
+                                  "factor": args.factor, "policy": args.threshold}, args.set)
+    if args.models is not None and not (Path(args.models) / "models").is_dir():
+        raise UserError(f"--models {args.models}: no models/ folder there (the --out of an earlier eval)")
     split = {}
     if args.benchmark in ("skab", "csv") and args.train_rows is not None:
         split["train_rows"] = args.train_rows
@@ -199,7 +228,7 @@ def cmd_eval(args) -> int:
                 raise UserError(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
             split["train_fraction"] = args.train_fraction
     options = EvalOptions(spec=spec, detector=detector, baselines=not args.no_baselines,
-                          reports=not args.no_reports, **split)
+                          reports=not args.no_reports, models=args.models, **split)
     out = Path(args.out)
     if args.benchmark == "skab":
         run_skab(Path(args.dir), out, options, pretrain=args.pretrain, jobs=args.jobs)

@@ -111,6 +111,38 @@ def test_eval_csv_then_replay_of_the_exported_model_decides_the_same(tmp_path: P
     assert _column(replayed, "anomalous") == _column(rows, "anomalous")
 
 
+def test_eval_with_models_scores_an_earlier_runs_models_with_a_new_detector(tmp_path: Path, capsys):
+    data = simulate(devices=1, steps=700, seed=29, faults=[Fault("valve_closure", "pump-000", 500, 100)])
+    pump = tmp_path / "pump.csv"
+    write_csv(data, pump)
+    first, same, other = tmp_path / "first", tmp_path / "same", tmp_path / "other"
+    common = ("eval", "csv", str(pump), "--train-rows", "300", "--jobs", "1", "--no-baselines",
+              "--no-reports")
+    assert _run(*common, "--out", str(first), "--epochs", "10")[0] == 0
+    # The same detector: nothing is trained, and every row is decided as before.
+    code, text = _run(*common, "--out", str(same), "--models", str(first))
+    assert code == 0, text
+    (reused,) = json.loads((same / "metrics.json").read_text())["files"]
+    assert reused["train"]["reused_model"] == str(first / "models" / "pump.onnx")
+    assert (same / "rows" / "pump.csv").read_text() == (first / "rows" / "pump.csv").read_text()
+    # Another detector: written into the copy, which replay then decides with, row for row.
+    code, text = _run(*common, "--out", str(other), "--models", str(first), "--set", "raise_k=1",
+                      "--set", "window_n=1", "--set", "clear_m=1", "--set", "cooldown=0")
+    assert code == 0, text
+    model = StepModel(other / "models" / "pump.onnx")
+    assert (model.contract.detector.raise_k, model.contract.detector.clear_m) == (1, 1)
+    replayed = tmp_path / "replayed.csv"
+    assert main(["replay", str(other / "models" / "pump.onnx"), str(pump), "--out", str(replayed)]) == 0
+    faults = _column(other / "rows" / "pump.csv", "fault")
+    assert _column(replayed, "fault") == faults
+    assert faults != _column(first / "rows" / "pump.csv", "fault")  # the new detector decided
+    # A model trained on other data is refused, naming why.
+    write_csv(simulate(devices=1, steps=700, seed=30), pump)
+    capsys.readouterr()
+    assert _run(*common, "--out", str(tmp_path / "refused"), "--models", str(first))[0] == 2
+    assert "trained on other data" in capsys.readouterr().err
+
+
 def test_eval_csv_needs_one_way_to_split(tmp_path: Path, capsys):
     f = tmp_path / "x.csv"
     f.write_text("a,anomaly\n1,0\n")

@@ -162,6 +162,13 @@ def _user_error_case(name: str, trained: TrainedModels, small_csv: Path, tmp: Pa
         return ["export", str(tmp / "run"), "--out", str(tmp / "m.onnx")]
     if name == "unknown-quantization":
         return ["export", str(trained.run_dir), "--out", str(tmp / "m.onnx"), "--quantize", "int4"]
+    if name == "unknown-detector-setting":
+        return ["export", str(trained.run_dir), "--out", str(tmp / "m.onnx"), "--set", "clearm=20"]
+    if name == "detector-setting-without-value":
+        return ["export", str(trained.run_dir), "--out", str(tmp / "m.onnx"), "--set", "clear_m"]
+    if name == "eval-models-not-an-eval-folder":
+        return ["eval", "csv", str(small_csv), "--train-rows", "10", "--out", str(tmp / "o"),
+                "--models", str(tmp)]
     raise AssertionError(name)
 
 
@@ -185,6 +192,9 @@ USER_ERRORS = {
     "missing-checkpoint": "no-run",
     "empty-checkpoint": "checkpoint",
     "unknown-quantization": "int4",
+    "unknown-detector-setting": "clearm",
+    "detector-setting-without-value": "KEY=VALUE",
+    "eval-models-not-an-eval-folder": "--models",
 }
 
 
@@ -200,6 +210,15 @@ def test_user_error_is_one_line_and_exit_2(case: str, trained: TrainedModels, sm
     assert lines[0].startswith(f"faultwatch {args[0]}: "), lines[0]
     assert USER_ERRORS[case] in lines[0]
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_export_writes_set_detector_settings_into_the_model(trained: TrainedModels, tmp_path: Path):
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", str(trained.run_dir), "--out", str(out), "--quantize", "none",
+                     "--set", "clear_m=40", "--set", "likelihood.tail=1e-6", "--set", "spike=false"]) == 0
+    detector = StepModel(out).contract.detector
+    assert (detector.clear_m, detector.likelihood.tail, detector.spike) == (40, 1e-6, False)
+    assert detector.cooldown == type(detector)().cooldown  # the rest stay at their defaults
 
 
 # -- inspect -------------------------------------------------------------------------------
