@@ -206,6 +206,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from faultwatch.bench.eval_file import EvalOptions
     from faultwatch.bench.evaluate import run_csv, run_nab, run_skab, run_telemanom
+
     spec = {k: v for k, v in (("quantize", args.quantize), ("epochs", args.epochs),
                               ("device", args.device), ("precision", args.precision)) if v is not None}
     if args.device is not None or args.precision is not None:
@@ -215,8 +216,11 @@ def cmd_eval(args) -> int:
         resolve_device(args.device or TrainOptions.device, args.precision or TrainOptions.precision)
     detector = detector_settings({"score_span": args.span, "quantile": args.quantile,
                                   "factor": args.factor, "policy": args.threshold}, args.set)
-    if args.models is not None and not (Path(args.models) / "models").is_dir():
-        raise UserError(f"--models {args.models}: no models/ folder there (the --out of an earlier eval)")
+    if args.models is not None:
+        if not (Path(args.models) / "models").is_dir():
+            raise UserError(f"--models {args.models}: no models/ folder there (the --out of an earlier eval)")
+        if spec:
+            raise UserError(f"--models reuses trained models: --{next(iter(spec))} does not apply")
     split = {}
     if args.benchmark in ("skab", "csv") and args.train_rows is not None:
         split["train_rows"] = args.train_rows

@@ -169,6 +169,10 @@ def _user_error_case(name: str, trained: TrainedModels, small_csv: Path, tmp: Pa
     if name == "eval-models-not-an-eval-folder":
         return ["eval", "csv", str(small_csv), "--train-rows", "10", "--out", str(tmp / "o"),
                 "--models", str(tmp)]
+    if name == "eval-models-with-training-flags":
+        (tmp / "models").mkdir()
+        return ["eval", "csv", str(small_csv), "--train-rows", "10", "--out", str(tmp / "o"),
+                "--models", str(tmp), "--epochs", "3"]
     raise AssertionError(name)
 
 
@@ -195,6 +199,7 @@ USER_ERRORS = {
     "unknown-detector-setting": "clearm",
     "detector-setting-without-value": "KEY=VALUE",
     "eval-models-not-an-eval-folder": "--models",
+    "eval-models-with-training-flags": "--epochs",
 }
 
 
