@@ -175,7 +175,9 @@ def _write_outputs(out: Path, benchmark: str, subtitle: str, files: list[dict], 
     failed = [{k: f[k] for k in ("name", "protocol", "error")} for f in files if "error" in f]
     files = [f for f in files if "error" not in f]
     if not files:
-        raise EvalError("every file failed: " + "; ".join(f"{f['name']}: {f['error']}" for f in failed))
+        # One line: the first reason in full (each file's was printed as it failed).
+        more = f" (and {len(failed) - 1} more, listed above)" if len(failed) > 1 else ""
+        raise EvalError(f"every file failed; {failed[0]['name']}: {failed[0]['error']}{more}")
     results = {p: {d: m for d in DETECTORS if (m := aggregate([f for f in files if f["protocol"] == p], d))}
                for p in protocols}
     results = {p: r for p, r in results.items() if r}
