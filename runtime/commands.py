@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Torch-free: the training options' flags, help and defaults are built from its fields.
 from faultwatch.train.options import TrainOptions
+
+if TYPE_CHECKING:
+    from faultwatch.runtime.engine.detector import DetectorSettings
 
 #: ``faultwatch tune`` trains each trial for at most this many epochs unless told otherwise.
 TUNE_EPOCHS = 30
@@ -113,7 +117,7 @@ def assignments(pairs: list[str]) -> dict:
     return out
 
 
-def detector_settings(given: dict, pairs: list[str]):
+def detector_settings(given: dict, pairs: list[str]) -> DetectorSettings:
     """The detector of an ``export`` or ``eval``: its flags (``None``: not given) over the
     defaults, then its ``--set`` assignments; a bad one is a :class:`UserError`."""
     from faultwatch.runtime.engine.detector import DetectorSettings, DetectorSettingsError
