@@ -23,6 +23,7 @@ flow, vibration and temperature levels than valve1) still lands in [0, 1].
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +35,6 @@ import torch
 from faultwatch.export.build import ExportOptions, export_model
 from faultwatch.export.onnx_graph import ExportError, with_contract
 from faultwatch.runtime.engine.calibration import calibrate, calibrate_detector, streamed_forecasts
-from faultwatch.runtime.engine.contract import METADATA_KEY, ModelContract
 from faultwatch.runtime.engine.detector import DetectorSettings
 from faultwatch.runtime.engine.model import StepModel
 from faultwatch.runtime.offline.csvdata import Table
@@ -131,12 +131,12 @@ def recalibrate(model_path: Path, prepared: Prepared, spec: BenchSpec, detector:
         detector_calibration = calibrate_detector([r[d.warmup:] for r in residuals], calibration, d)
     else:
         raise ValueError(f"calibrate_on must be 'held-out' or 'all', got {spec.calibrate_on!r}")
-    proto = onnx.load(model_path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    contract = replace(ModelContract.from_json(meta[METADATA_KEY]), calibration=calibration,
-                       detector_calibration=detector_calibration)
-    contract = replace(contract, provenance=contract.provenance | {"calibrated_on": spec.calibrate_on})
-    model_path.write_bytes(with_contract(proto, contract))
+    # The contract carries the detector it was calibrated for (the one it was exported with, or
+    # another one an ``eval --models`` run measures).
+    contract = replace(model.contract, calibration=calibration, detector_calibration=detector_calibration,
+                       detector=detector,
+                       provenance=model.contract.provenance | {"calibrated_on": spec.calibrate_on})
+    model_path.write_bytes(with_contract(onnx.load(model_path), contract))
     return asdict(calibration) | {"detector": asdict(detector_calibration)}
 
 
@@ -153,9 +153,7 @@ def reuse_and_calibrate(source: Path, train: Table, out: Path, spec: BenchSpec, 
         raise ValueError(f"{source}: no model for this file in the earlier run")
     prepared = prepare(train, features=list(features), targets=list(targets) if targets else None,
                        val_fraction=spec.val_fraction)
-    proto = onnx.load(source)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    contract = ModelContract.from_json(meta[METADATA_KEY])
+    contract = StepModel(source).contract
     if contract.provenance.get("data_sha256") != train.sha256:
         raise ValueError(f"{source} was trained on other data (sha256 differs)")
     if (contract.features, contract.targets) != (prepared.features, prepared.targets):
@@ -165,8 +163,8 @@ def reuse_and_calibrate(source: Path, train: Table, out: Path, spec: BenchSpec, 
             and np.allclose(contract.scaler.scale, prepared.scaler.scale)):
         raise ValueError(f"{source} was trained on other rows of this file (its scaler differs)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(with_contract(proto, replace(contract, detector=detector)))
-    calibration = recalibrate(out, prepared, spec, detector)
+    shutil.copyfile(source, out)
+    calibration = recalibrate(out, prepared, spec, detector)  # writes the detector in, calibrated
     return {"reused_model": str(source), "calibration": calibration}
 
 
